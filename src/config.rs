@@ -1,0 +1,173 @@
+//! Server settings: named defaults, overridden by environment variables.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+
+use crate::log::Level;
+
+/// Where the server listens unless `ADDR` or `--addr` says otherwise.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:8000";
+/// Seconds between `: keepalive` comments on an idle stream; also bounds how long a vanished
+/// client stays registered, since the failed write is what reveals it.
+pub const DEFAULT_KEEPALIVE_SECS: u64 = 30;
+/// Frames one stream may have queued; a client that falls further behind is disconnected.
+pub const DEFAULT_STREAM_QUEUE_CAPACITY: usize = 256;
+/// Open streams per user; one more is answered 429.
+pub const DEFAULT_MAX_STREAMS_PER_USER: usize = 32;
+/// Open connections overall; one more is answered 503 and closed.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// How long a client may take to send its request head (slowloris guard).
+pub const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 10;
+/// How long shutdown waits for open connections to finish before exiting anyway.
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 5;
+/// Largest request head (request line and headers) accepted; larger ones get 431.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Largest `POST /ai/events/publish` body; larger ones get 413.
+pub const MAX_PUBLISH_BODY_BYTES: usize = 1024 * 1024;
+
+/// Everything the server can be configured with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The listening address (`ADDR`).
+    pub addr: SocketAddr,
+    /// The HMAC secret that signs and verifies JWTs (`JWT_SECRET`).
+    pub jwt_secret: String,
+    /// True when `JWT_SECRET` was unset and `jwt_secret` is random for this run.
+    pub development_secret: bool,
+    /// The one JWT algorithm accepted (`JWT_ALGORITHM`: HS256, HS384 or HS512).
+    pub jwt_algorithm: Algorithm,
+    /// Interval between keepalive comments (`SSE_KEEPALIVE_SECS`).
+    pub keepalive: Duration,
+    /// Per-stream queue bound in frames (`SSE_QUEUE_CAPACITY`).
+    pub stream_queue_capacity: usize,
+    /// Open streams allowed per user (`MAX_STREAMS_PER_USER`).
+    pub max_streams_per_user: usize,
+    /// Open connections allowed overall (`MAX_CONNECTIONS`).
+    pub max_connections: usize,
+    /// Time allowed for a request head (`HEADER_READ_TIMEOUT_SECS`).
+    pub header_read_timeout: Duration,
+    /// Time shutdown waits for connections (`SHUTDOWN_GRACE_SECS`).
+    pub shutdown_grace: Duration,
+    /// Log verbosity (`LOG_LEVEL`).
+    pub log_level: Level,
+}
+
+/// An environment variable with a value the server cannot use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The variable's name.
+    pub variable: &'static str,
+    /// What is wrong with its value.
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.variable, self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// The defaults, signing tokens with `jwt_secret`.
+    pub fn with_secret(jwt_secret: impl Into<String>) -> Self {
+        Config {
+            addr: DEFAULT_ADDR
+                .parse()
+                .expect("DEFAULT_ADDR is a valid address"),
+            jwt_secret: jwt_secret.into(),
+            development_secret: false,
+            jwt_algorithm: Algorithm::HS256,
+            keepalive: Duration::from_secs(DEFAULT_KEEPALIVE_SECS),
+            stream_queue_capacity: DEFAULT_STREAM_QUEUE_CAPACITY,
+            max_streams_per_user: DEFAULT_MAX_STREAMS_PER_USER,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: Duration::from_secs(DEFAULT_HEADER_READ_TIMEOUT_SECS),
+            shutdown_grace: Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_SECS),
+            log_level: Level::Info,
+        }
+    }
+
+    /// Reads the environment; an unset `JWT_SECRET` gives a random development secret.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let (jwt_secret, development_secret) = match std::env::var("JWT_SECRET") {
+            Ok(secret) if !secret.is_empty() => (secret, false),
+            _ => (crate::random::hex_token(32), true),
+        };
+        let mut config = Config::with_secret(jwt_secret);
+        config.development_secret = development_secret;
+        if let Some(addr) = env_parse::<SocketAddr>("ADDR")? {
+            config.addr = addr;
+        }
+        if let Some(name) = env_value("JWT_ALGORITHM") {
+            config.jwt_algorithm = match name.as_str() {
+                "HS256" => Algorithm::HS256,
+                "HS384" => Algorithm::HS384,
+                "HS512" => Algorithm::HS512,
+                _ => return Err(invalid("JWT_ALGORITHM", "expected HS256, HS384 or HS512")),
+            };
+        }
+        if let Some(secs) = env_positive("SSE_KEEPALIVE_SECS")? {
+            config.keepalive = Duration::from_secs(secs as u64);
+        }
+        if let Some(capacity) = env_positive("SSE_QUEUE_CAPACITY")? {
+            config.stream_queue_capacity = capacity;
+        }
+        if let Some(max) = env_positive("MAX_STREAMS_PER_USER")? {
+            config.max_streams_per_user = max;
+        }
+        if let Some(max) = env_positive("MAX_CONNECTIONS")? {
+            config.max_connections = max;
+        }
+        if let Some(secs) = env_positive("HEADER_READ_TIMEOUT_SECS")? {
+            config.header_read_timeout = Duration::from_secs(secs as u64);
+        }
+        if let Some(secs) = env_parse::<u64>("SHUTDOWN_GRACE_SECS")? {
+            config.shutdown_grace = Duration::from_secs(secs);
+        }
+        if let Some(level) = env_value("LOG_LEVEL") {
+            config.log_level = Level::parse(&level)
+                .ok_or_else(|| invalid("LOG_LEVEL", "expected error, warn, info or debug"))?;
+        }
+        Ok(config)
+    }
+}
+
+fn env_value(variable: &str) -> Option<String> {
+    std::env::var(variable)
+        .ok()
+        .filter(|value| !value.is_empty())
+}
+
+fn env_parse<T: FromStr>(variable: &'static str) -> Result<Option<T>, ConfigError>
+where
+    T::Err: fmt::Display,
+{
+    env_value(variable)
+        .map(|value| {
+            value
+                .trim()
+                .parse()
+                .map_err(|error| invalid(variable, error))
+        })
+        .transpose()
+}
+
+fn env_positive(variable: &'static str) -> Result<Option<usize>, ConfigError> {
+    match env_parse::<usize>(variable)? {
+        Some(0) => Err(invalid(variable, "must be at least 1")),
+        value => Ok(value),
+    }
+}
+
+fn invalid(variable: &'static str, problem: impl fmt::Display) -> ConfigError {
+    ConfigError {
+        variable,
+        problem: problem.to_string(),
+    }
+}

@@ -1,0 +1,19 @@
+//! artifact-events: realtime notifications that a generated artifact is ready or has failed.
+//!
+//! # Layout
+//! - [`events`]: `EventType`, the publish/subscribe [`events::EventBus`] and `get_event_bus()`.
+//! - [`sse`]: the SSE wire format (pure), a client's stream body, and the per-user stream index.
+//! - [`server`]: the accept loop, router, JWT auth, errors and the HTTP routes.
+//! - [`config`]: settings with named defaults, read from the environment.
+//! - [`log`], [`time`], [`random`]: small utilities that keep the dependency list short.
+
+pub mod config;
+pub mod events;
+pub mod log;
+pub(crate) mod panic;
+pub mod random;
+pub mod server;
+pub mod sse;
+pub mod time;
+
+pub use events::{get_event_bus, EventBus, EventType, Handler};

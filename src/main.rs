@@ -1,0 +1,136 @@
+//! The `artifact-events` command: parses arguments, then calls the library.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use artifact_events::config::Config;
+use artifact_events::server::{self, AppState, Authenticator};
+use artifact_events::{get_event_bus, log};
+
+const USAGE: &str = "\
+artifact-events: realtime artifact job notifications over Server-Sent Events
+
+USAGE:
+    artifact-events [serve] [--addr HOST:PORT]     run the server (the default)
+    artifact-events token USER_ID [--publisher] [--ttl SECS]
+                                                   print a JWT signed with JWT_SECRET
+    artifact-events --help                         print this help
+
+FLAGS:
+    --addr HOST:PORT   listening address (overrides ADDR)
+    --publisher        token carries role=publisher (may POST /ai/events/publish)
+    --ttl SECS         token lifetime in seconds (default 86400)
+
+ENVIRONMENT:
+    ADDR                       listening address                     [127.0.0.1:8000]
+    JWT_SECRET                 HMAC secret for tokens                [random per run: development mode]
+    JWT_ALGORITHM              HS256, HS384 or HS512                 [HS256]
+    SSE_KEEPALIVE_SECS         seconds between keepalive comments    [30]
+    SSE_QUEUE_CAPACITY         frames queued per stream before a slow client is dropped [256]
+    MAX_STREAMS_PER_USER       open streams per user (429 beyond)    [32]
+    MAX_CONNECTIONS            open connections (503 beyond)         [10000]
+    HEADER_READ_TIMEOUT_SECS   time allowed for a request head       [10]
+    SHUTDOWN_GRACE_SECS        time shutdown waits for connections   [5]
+    LOG_LEVEL                  error, warn, info or debug            [info]
+";
+
+/// Lifetime of tokens printed by `token` and by development mode.
+const DEFAULT_TOKEN_TTL_SECS: u64 = 86_400;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|arg| arg == "--help" || arg == "-h") {
+        print!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let result = match args.first().map(String::as_str) {
+        Some("token") => print_token(&args[1..]),
+        Some("serve") => serve(&args[1..]),
+        _ => serve(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("artifact-events: {message}\n(see artifact-events --help)");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(args: &[String]) -> Result<(), String> {
+    let mut config = Config::from_env().map_err(|error| error.to_string())?;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--addr" => {
+                let value = args.next().ok_or("--addr needs HOST:PORT")?;
+                config.addr = value
+                    .parse()
+                    .map_err(|error| format!("--addr {value}: {error}"))?;
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    log::set_level(config.log_level);
+    let runtime = tokio::runtime::Runtime::new().map_err(|error| error.to_string())?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.addr)
+            .await
+            .map_err(|error| format!("cannot listen on {}: {error}", config.addr))?;
+        let addr = listener.local_addr().map_err(|error| error.to_string())?;
+        if config.development_secret {
+            print_development_banner(&config, addr);
+        }
+        let state = AppState::new(config, get_event_bus());
+        server::run(listener, state, server::shutdown_signal()).await;
+        Ok(())
+    })
+}
+
+fn print_token(args: &[String]) -> Result<(), String> {
+    let mut user_id = None;
+    let mut publisher = false;
+    let mut ttl = DEFAULT_TOKEN_TTL_SECS;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--publisher" => publisher = true,
+            "--ttl" => {
+                let value = args.next().ok_or("--ttl needs SECS")?;
+                ttl = value
+                    .parse()
+                    .map_err(|_| format!("--ttl {value}: not a whole number of seconds"))?;
+            }
+            flag if flag.starts_with("--") => return Err(format!("unknown flag {flag:?}")),
+            user if user_id.is_none() => user_id = Some(user.to_owned()),
+            extra => return Err(format!("unexpected argument {extra:?}")),
+        }
+    }
+    let user_id = user_id.ok_or("token needs a USER_ID")?;
+    let config = Config::from_env().map_err(|error| error.to_string())?;
+    if config.development_secret {
+        return Err(
+            "JWT_SECRET is not set; a token signed with a random secret would be useless".into(),
+        );
+    }
+    let auth = Authenticator::new(config.jwt_secret.as_bytes(), config.jwt_algorithm);
+    println!(
+        "{}",
+        auth.issue(&user_id, publisher, Duration::from_secs(ttl))
+    );
+    Ok(())
+}
+
+fn print_development_banner(config: &Config, addr: std::net::SocketAddr) {
+    let auth = Authenticator::new(config.jwt_secret.as_bytes(), config.jwt_algorithm);
+    let ttl = Duration::from_secs(DEFAULT_TOKEN_TTL_SECS);
+    let user_token = auth.issue("demo", false, ttl);
+    let publisher_token = auth.issue("publisher", true, ttl);
+    log::write(
+        log::Level::Warn,
+        format_args!("JWT_SECRET is not set: development mode, tokens are signed with a random secret for this run only"),
+    );
+    eprintln!(
+        "\n  Stream events for user demo:\n    curl -N -H 'Authorization: Bearer {user_token}' http://{addr}/ai/artifact/events/stream\n\n  Publish one:\n    curl -X POST -H 'Authorization: Bearer {publisher_token}' -H 'Content-Type: application/json' \\\n      -d '{{\"event_type\":\"artifact.completed\",\"event_data\":{{\"user_id\":\"demo\",\"job_id\":\"j1\",\"result\":{{}}}}}}' \\\n      http://{addr}/ai/events/publish\n"
+    );
+}

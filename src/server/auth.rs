@@ -1,0 +1,116 @@
+//! JWT bearer authentication: HMAC-signed tokens whose `sub` is the user id.
+
+use std::time::Duration;
+
+use hyper::header::{HeaderMap, AUTHORIZATION};
+use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+
+/// The `role` claim that allows `POST /ai/events/publish`.
+pub const PUBLISHER_ROLE: &str = "publisher";
+/// Clock skew tolerated on `exp`, between the token issuer and this server.
+const EXPIRY_LEEWAY_SECS: u64 = 30;
+
+/// The claims this server reads and writes.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user id; events go to the streams of this user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    /// Expiry, in seconds since the Unix epoch.
+    pub exp: u64,
+    /// `publisher` for tokens that may publish over HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+}
+
+/// Who a verified token speaks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// The token's `sub`.
+    pub user_id: String,
+    /// Whether the token carries the publisher role.
+    pub publisher: bool,
+}
+
+/// Signs and verifies tokens with one secret and one algorithm, both from configuration.
+pub struct Authenticator {
+    algorithm: Algorithm,
+    encoding_key: EncodingKey,
+    decoding_key: DecodingKey,
+    validation: Validation,
+}
+
+impl Authenticator {
+    /// An authenticator for `secret` that accepts only `algorithm` (an HMAC one).
+    pub fn new(secret: &[u8], algorithm: Algorithm) -> Self {
+        // The accepted algorithm is fixed here, so a token's own `alg` (say `none`, or an
+        // asymmetric one keyed with our secret) can never choose how it is checked.
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = EXPIRY_LEEWAY_SECS;
+        Authenticator {
+            algorithm,
+            encoding_key: EncodingKey::from_secret(secret),
+            decoding_key: DecodingKey::from_secret(secret),
+            validation,
+        }
+    }
+
+    /// A token for `user_id`, valid for `ttl`, with the publisher role if asked.
+    pub fn issue(&self, user_id: &str, publisher: bool, ttl: Duration) -> String {
+        let claims = Claims {
+            sub: Some(user_id.to_owned()),
+            exp: crate::time::unix_seconds() + ttl.as_secs(),
+            role: publisher.then(|| PUBLISHER_ROLE.to_owned()),
+        };
+        encode(&Header::new(self.algorithm), &claims, &self.encoding_key)
+            .expect("HMAC signing of serializable claims cannot fail")
+    }
+
+    /// Verifies the `Authorization: Bearer` header.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Identity, ApiError> {
+        let value = headers
+            .get(AUTHORIZATION)
+            .ok_or(ApiError::Unauthorized("missing bearer token"))?;
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|value| {
+                value
+                    .strip_prefix("Bearer ")
+                    .or_else(|| value.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|token| !token.is_empty())
+            .ok_or(ApiError::Unauthorized(
+                "authorization header is not 'Bearer <token>'",
+            ))?;
+        self.verify(token)
+    }
+
+    /// Verifies one token string: signature, algorithm, expiry and a non-empty `sub`.
+    pub fn verify(&self, token: &str) -> Result<Identity, ApiError> {
+        use jsonwebtoken::errors::ErrorKind;
+        let claims = decode::<Claims>(token, &self.decoding_key, &self.validation)
+            .map_err(|error| {
+                ApiError::Unauthorized(match error.kind() {
+                    ErrorKind::ExpiredSignature => "token has expired",
+                    ErrorKind::InvalidSignature => "token signature is invalid",
+                    ErrorKind::InvalidAlgorithm => "token algorithm is not accepted",
+                    ErrorKind::MissingRequiredClaim(_) => "token has no exp claim",
+                    _ => "token is malformed",
+                })
+            })?
+            .claims;
+        let user_id = claims
+            .sub
+            .filter(|sub| !sub.is_empty())
+            .ok_or(ApiError::Unauthorized("token has no sub claim"))?;
+        Ok(Identity {
+            user_id,
+            publisher: claims.role.as_deref() == Some(PUBLISHER_ROLE),
+        })
+    }
+}

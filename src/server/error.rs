@@ -1,0 +1,93 @@
+//! Every failure a request can meet, and the one place it becomes an HTTP response.
+
+use hyper::header::{HeaderValue, ALLOW, RETRY_AFTER, WWW_AUTHENTICATE};
+use hyper::{Response, StatusCode};
+
+use super::{json_response, ResponseBody};
+
+/// A request that cannot be served, with what the client is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiError {
+    /// 400: the body is not valid JSON, or lacks what the endpoint needs.
+    BadRequest(String),
+    /// 401: no valid token; the text says what was wrong with it.
+    Unauthorized(&'static str),
+    /// 403: a valid token without the needed role.
+    Forbidden(&'static str),
+    /// 404: no such route or resource (or not the caller's).
+    NotFound,
+    /// 405: the path exists, with these methods (the `Allow` header).
+    MethodNotAllowed(&'static str),
+    /// 413: the body is larger than the endpoint's limit in bytes.
+    PayloadTooLarge(usize),
+    /// 422: a field is missing or has a value the endpoint cannot use.
+    Unprocessable(String),
+    /// 429: the user has too many open streams.
+    TooManyStreams(usize),
+    /// 503: the server is at its connection limit or shutting down.
+    Unavailable(&'static str),
+    /// 500: a bug; details are in the server log, not the response.
+    Internal,
+}
+
+impl ApiError {
+    /// The status code this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The human-readable text of the JSON body's `error` field.
+    pub fn message(&self) -> String {
+        match self {
+            ApiError::BadRequest(text) | ApiError::Unprocessable(text) => text.clone(),
+            ApiError::Unauthorized(text) | ApiError::Forbidden(text) => (*text).to_owned(),
+            ApiError::Unavailable(text) => (*text).to_owned(),
+            ApiError::NotFound => "not found".to_owned(),
+            ApiError::MethodNotAllowed(allow) => format!("method not allowed; use {allow}"),
+            ApiError::PayloadTooLarge(limit) => format!("body is larger than {limit} bytes"),
+            ApiError::TooManyStreams(max) => {
+                format!("too many open streams for this user (max {max})")
+            }
+            ApiError::Internal => "internal server error".to_owned(),
+        }
+    }
+
+    /// The response: the status, `{"error": message}`, and the headers the status calls for.
+    pub fn into_response(self) -> Response<ResponseBody> {
+        let mut response = json_response(
+            self.status(),
+            &serde_json::json!({ "error": self.message() }),
+        );
+        let headers = response.headers_mut();
+        match &self {
+            ApiError::Unauthorized(reason) => {
+                let challenge = format!(
+                    "Bearer realm=\"artifact-events\", error=\"invalid_token\", error_description=\"{reason}\""
+                );
+                headers.insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_str(&challenge).expect("reasons are static ASCII"),
+                );
+            }
+            ApiError::MethodNotAllowed(allow) => {
+                headers.insert(ALLOW, HeaderValue::from_static(allow));
+            }
+            ApiError::Unavailable(_) | ApiError::TooManyStreams(_) => {
+                headers.insert(RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            _ => {}
+        }
+        response
+    }
+}

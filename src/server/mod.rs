@@ -1,0 +1,179 @@
+//! The HTTP server: accept loop, per-connection limits and graceful shutdown.
+
+mod auth;
+mod error;
+mod router;
+mod routes;
+
+pub use auth::{Authenticator, Claims, Identity, PUBLISHER_ROLE};
+pub use error::ApiError;
+pub use router::handle;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::config::{Config, MAX_HEADER_BYTES};
+use crate::events::{EventBus, Handler};
+use crate::log;
+use crate::sse::{SseBody, StreamIndex};
+
+/// A response body: a whole JSON document, or an open event stream.
+pub type ResponseBody = Either<Full<Bytes>, SseBody>;
+
+/// What every request handler can reach.
+pub struct AppState {
+    /// The server's settings.
+    pub config: Config,
+    /// The bus that events are published on.
+    pub bus: Arc<EventBus>,
+    /// The open SSE streams, by user.
+    pub streams: Arc<StreamIndex>,
+    /// Verifies bearer tokens.
+    pub auth: Authenticator,
+    /// The index's bus subscription, removed when the state is dropped.
+    stream_handler: Handler,
+}
+
+impl AppState {
+    /// Builds the state and subscribes its stream index to `bus`.
+    pub fn new(config: Config, bus: Arc<EventBus>) -> Arc<Self> {
+        let streams = StreamIndex::new(config.stream_queue_capacity, config.max_streams_per_user);
+        let stream_handler = streams.attach(&bus);
+        let auth = Authenticator::new(config.jwt_secret.as_bytes(), config.jwt_algorithm);
+        Arc::new(AppState {
+            config,
+            bus,
+            streams,
+            auth,
+            stream_handler,
+        })
+    }
+}
+
+impl Drop for AppState {
+    fn drop(&mut self) {
+        self.bus
+            .unsubscribe(&crate::events::EventType::ANY, &self.stream_handler);
+    }
+}
+
+/// Serves `listener` until `shutdown` completes, then ends every stream and waits (at most
+/// `config.shutdown_grace`) for open connections to finish.
+pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
+    let mut http = http1::Builder::new();
+    // The timer is what makes header_read_timeout take effect at all.
+    http.timer(TokioTimer::new())
+        .header_read_timeout(state.config.header_read_timeout)
+        .max_buf_size(MAX_HEADER_BYTES);
+    let graceful = GracefulShutdown::new();
+    let connection_slots = Arc::new(Semaphore::new(state.config.max_connections));
+    tokio::pin!(shutdown);
+    match listener.local_addr() {
+        Ok(addr) => log::info!("listening on http://{addr}"),
+        Err(error) => log::warning!("listening on an unknown address: {error}"),
+    }
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(connection) => connection,
+                Err(error) => {
+                    // Usually EMFILE: back off instead of spinning until descriptors free up.
+                    log::warning!("accept failed: {error}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let slot = connection_slots.clone().try_acquire_owned().ok();
+        let disconnect = Arc::new(Notify::new());
+        let service = {
+            let state = state.clone();
+            let disconnect = disconnect.clone();
+            let at_capacity = slot.is_none();
+            service_fn(move |request| {
+                let state = state.clone();
+                let disconnect = disconnect.clone();
+                async move {
+                    Ok::<_, Infallible>(match at_capacity {
+                        true => over_capacity_response(),
+                        false => handle(state, disconnect, request).await,
+                    })
+                }
+            })
+        };
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _slot = slot;
+            tokio::select! {
+                result = connection => if let Err(error) = result {
+                    log::debug!("connection from {peer} ended with an error: {error}");
+                },
+                () = disconnect.notified() => log::debug!("closed the connection of {peer}"),
+            }
+        });
+    }
+    drop(listener);
+    log::info!(
+        "shutting down: ending {} open streams",
+        state.streams.stream_count()
+    );
+    state.streams.close_all();
+    let grace = state.config.shutdown_grace;
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        log::warning!("connections still open after {grace:?}; closing them");
+    }
+    log::info!("stopped");
+}
+
+/// Resolves on Ctrl-C or SIGTERM, the two ways a server is asked to stop.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                log::warning!("cannot listen for SIGTERM: {error}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        () = terminate => {},
+    }
+}
+
+/// A JSON response with `status` and `body`.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ResponseBody> {
+    let mut response = Response::new(Either::Left(Full::new(Bytes::from(body.to_string()))));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn over_capacity_response() -> Response<ResponseBody> {
+    let mut response = ApiError::Unavailable("server is at its connection limit").into_response();
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    response
+}

@@ -1,0 +1,3 @@
+//! One module per resource.
+
+pub(super) mod events;
