@@ -19,7 +19,9 @@ pub struct Claims {
     /// The user id; events go to the streams of this user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sub: Option<String>,
-    /// Expiry, in seconds since the Unix epoch.
+    /// Expiry, in seconds since the Unix epoch; defaulted here so that a missing `exp` is
+    /// reported as such by the validation, not as a malformed token.
+    #[serde(default)]
     pub exp: u64,
     /// `publisher` for tokens that may publish over HTTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]

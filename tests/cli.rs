@@ -1,0 +1,125 @@
+//! The `artifact-events` binary as a user runs it: token printing, help, serving, SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use artifact_events::server::Authenticator;
+use common::{SseClient, SECRET};
+use jsonwebtoken::Algorithm;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_artifact-events");
+
+#[test]
+fn token_prints_a_jwt_the_server_accepts() {
+    let output = Command::new(BINARY)
+        .args(["token", "alice", "--publisher", "--ttl", "60"])
+        .env("JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let token = String::from_utf8(output.stdout).unwrap();
+    let identity = Authenticator::new(SECRET.as_bytes(), Algorithm::HS256)
+        .verify(token.trim())
+        .unwrap();
+    assert_eq!(identity.user_id, "alice");
+    assert!(identity.publisher);
+}
+
+#[test]
+fn token_without_a_secret_is_refused_with_a_reason() {
+    let output = Command::new(BINARY)
+        .args(["token", "alice"])
+        .env_remove("JWT_SECRET")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("JWT_SECRET is not set"));
+}
+
+#[test]
+fn help_lists_every_flag_and_environment_variable() {
+    let output = Command::new(BINARY).arg("--help").output().unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).unwrap();
+    for name in [
+        "--addr",
+        "--publisher",
+        "--ttl",
+        "ADDR",
+        "JWT_SECRET",
+        "JWT_ALGORITHM",
+        "SSE_KEEPALIVE_SECS",
+        "SSE_QUEUE_CAPACITY",
+        "MAX_STREAMS_PER_USER",
+        "MAX_CONNECTIONS",
+        "HEADER_READ_TIMEOUT_SECS",
+        "SHUTDOWN_GRACE_SECS",
+        "LOG_LEVEL",
+    ] {
+        assert!(help.contains(name), "--help does not mention {name}");
+    }
+}
+
+#[test]
+fn invalid_configuration_is_reported_not_ignored() {
+    let output = Command::new(BINARY)
+        .env("SSE_KEEPALIVE_SECS", "soon")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("SSE_KEEPALIVE_SECS"));
+}
+
+#[tokio::test]
+async fn sigterm_ends_streams_and_exits_zero() {
+    let mut child = Command::new(BINARY)
+        .env("ADDR", "127.0.0.1:0")
+        .env("JWT_SECRET", SECRET)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let addr = loop {
+        let mut line = String::new();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "server exited before listening"
+        );
+        if let Some(addr) = line.trim().split("listening on http://").nth(1) {
+            break addr.parse().unwrap();
+        }
+    };
+    let token = Authenticator::new(SECRET.as_bytes(), Algorithm::HS256).issue(
+        "alice",
+        false,
+        Duration::from_secs(60),
+    );
+    let mut client = SseClient::connect(addr, &token).await;
+    client.next_frame().await;
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(
+        client.next_frame().await,
+        None,
+        "the stream did not end cleanly"
+    );
+    let started = Instant::now();
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "server did not exit within 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "{exit:?}");
+}

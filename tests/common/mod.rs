@@ -1,0 +1,258 @@
+//! Shared helpers: a real server on 127.0.0.1:0 and HTTP/SSE clients over real TCP.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use artifact_events::config::Config;
+use artifact_events::server::{self, AppState};
+use artifact_events::EventBus;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{HeaderMap, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The secret every test server signs with.
+pub const SECRET: &str = "integration-test-secret";
+/// How long any single wait in a test may take before the test fails.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Test defaults: the production defaults with a known secret.
+pub fn config() -> Config {
+    Config::with_secret(SECRET)
+}
+
+/// A server running in this process on an ephemeral port, with its own bus.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start(config: Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = AppState::new(config, Arc::new(EventBus::new()));
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(listener, state.clone(), async {
+            let _ = stop.await;
+        }));
+        TestServer {
+            addr,
+            state,
+            shutdown: Some(shutdown),
+            task: Some(task),
+        }
+    }
+
+    pub fn token(&self, user_id: &str) -> String {
+        self.state
+            .auth
+            .issue(user_id, false, Duration::from_secs(600))
+    }
+
+    pub fn publisher_token(&self) -> String {
+        self.state
+            .auth
+            .issue("publisher", true, Duration::from_secs(600))
+    }
+
+    /// Asks the server to shut down and waits for `run` to return.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.take().unwrap().send(());
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(PATIENCE, task)
+            .await
+            .expect("server stops in time")
+            .unwrap();
+    }
+
+    /// Waits until `condition` holds for the server state, polling it.
+    pub async fn wait_until(&self, what: &str, condition: impl Fn(&AppState) -> bool) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !condition(&self.state) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting until {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// A plain HTTP response, body collected.
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|error| panic!("body is not JSON ({error}): {:?}", self.body))
+    }
+
+    /// Asserts an error response: this status, a JSON `error` string, and returns that string.
+    pub fn expect_error(&self, status: StatusCode) -> String {
+        assert_eq!(self.status, status, "body: {:?}", self.body);
+        assert_eq!(self.headers["content-type"], "application/json");
+        self.json()["error"]
+            .as_str()
+            .expect("error is a string")
+            .to_owned()
+    }
+}
+
+/// Sends one request on a new connection and collects the response.
+pub async fn send(addr: SocketAddr, request: Request<Full<Bytes>>) -> Reply {
+    let response = open(addr, request).await;
+    let (parts, body) = response.into_parts();
+    let body = tokio::time::timeout(PATIENCE, body.collect())
+        .await
+        .expect("body arrives in time")
+        .unwrap()
+        .to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// Sends a request and returns the response with its body still streaming.
+pub async fn open(addr: SocketAddr, request: Request<Full<Bytes>>) -> hyper::Response<Incoming> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    tokio::time::timeout(PATIENCE, sender.send_request(request))
+        .await
+        .expect("response head arrives in time")
+        .unwrap()
+}
+
+/// A request builder with an optional bearer token.
+pub fn request(
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: impl Into<Bytes>,
+) -> Request<Full<Bytes>> {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
+    if let Some(token) = token {
+        builder = builder.header("authorization", format!("Bearer {token}"));
+    }
+    builder.body(Full::new(body.into())).unwrap()
+}
+
+/// Publishes over HTTP as a publisher and asserts it was accepted.
+pub async fn publish_http(server: &TestServer, event_type: &str, event_data: Value) {
+    let body = serde_json::json!({"event_type": event_type, "event_data": event_data}).to_string();
+    let reply = send(
+        server.addr,
+        request(
+            "POST",
+            "/ai/events/publish",
+            Some(&server.publisher_token()),
+            body,
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "body: {:?}", reply.body);
+}
+
+/// An open SSE response, read frame by frame (a frame ends with a blank line).
+pub struct SseClient {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    body: Incoming,
+    buffer: Vec<u8>,
+}
+
+impl SseClient {
+    pub async fn connect(addr: SocketAddr, token: &str) -> SseClient {
+        let response = open(
+            addr,
+            request(
+                "GET",
+                "/ai/artifact/events/stream",
+                Some(token),
+                Bytes::new(),
+            ),
+        )
+        .await;
+        let (parts, body) = response.into_parts();
+        SseClient {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            buffer: Vec::new(),
+        }
+    }
+
+    /// The next whole frame's bytes (including the blank line), or None when the stream ended
+    /// cleanly. Panics if none arrives within `PATIENCE` or the stream broke.
+    pub async fn next_frame(&mut self) -> Option<String> {
+        self.next_frame_within(PATIENCE)
+            .await
+            .expect("a frame arrives in time")
+    }
+
+    /// Like `next_frame`, but `Err(())` if nothing whole arrives within `wait`.
+    pub async fn next_frame_within(&mut self, wait: Duration) -> Result<Option<String>, ()> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(end) = self.buffer.windows(2).position(|pair| pair == b"\n\n") {
+                let frame: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                return Ok(Some(String::from_utf8(frame).expect("frames are UTF-8")));
+            }
+            let next = tokio::time::timeout_at(deadline, self.body.frame())
+                .await
+                .map_err(|_| ())?;
+            match next {
+                None => {
+                    assert!(
+                        self.buffer.is_empty(),
+                        "stream ended mid-frame: {:?}",
+                        self.buffer
+                    );
+                    return Ok(None);
+                }
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buffer.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(error)) => panic!("stream broke: {error}"),
+            }
+        }
+    }
+
+    /// The next frame that is not a keepalive, parsed from its `data:` line as JSON.
+    pub async fn next_event(&mut self) -> Value {
+        loop {
+            let frame = self.next_frame().await.expect("stream is still open");
+            if frame == ": keepalive\n\n" {
+                continue;
+            }
+            let data = frame
+                .strip_prefix("data: ")
+                .and_then(|rest| rest.strip_suffix("\n\n"))
+                .unwrap_or_else(|| panic!("not a data frame: {frame:?}"));
+            return serde_json::from_str(data).unwrap();
+        }
+    }
+}
