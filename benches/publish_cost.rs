@@ -31,10 +31,24 @@ async fn measure(others: usize, publishes: usize) -> (f64, f64) {
     let mut idle = Vec::with_capacity(others);
     for n in 0..others {
         let first = Bytes::from_static(b"data: {}\n\n");
-        idle.push(index.open(&format!("other-{n}"), first, keepalive, Arc::new(Notify::new())).unwrap());
+        idle.push(
+            index
+                .open(
+                    &format!("other-{n}"),
+                    first,
+                    keepalive,
+                    Arc::new(Notify::new()),
+                )
+                .unwrap(),
+        );
     }
     let mut recipient = index
-        .open("target", Bytes::from_static(b"data: {}\n\n"), keepalive, Arc::new(Notify::new()))
+        .open(
+            "target",
+            Bytes::from_static(b"data: {}\n\n"),
+            keepalive,
+            Arc::new(Notify::new()),
+        )
         .unwrap();
     recipient.frame().await;
     let event_type = EventType::COMPLETED;
@@ -54,7 +68,10 @@ async fn measure(others: usize, publishes: usize) -> (f64, f64) {
 fn main() {
     let smoke = std::env::args().any(|arg| arg == "--smoke");
     let publishes = if smoke { 2_000 } else { 200_000 };
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         // Warm up allocator and caches so the first measured case is not penalised.
         measure(10, publishes / 10).await;

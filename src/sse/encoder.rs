@@ -189,7 +189,7 @@ mod tests {
         };
         assert_eq!(encode(&with_id("1\n2")), Err(EncodeError::LineBreak("id")));
         assert_eq!(encode(&with_id("1\r")), Err(EncodeError::LineBreak("id")));
-        assert_eq!(encode(&with_id("1\02")), Err(EncodeError::NulInId));
+        assert_eq!(encode(&with_id("1\0")), Err(EncodeError::NulInId));
         let with_type = Event {
             event: Some("a\r\nb"),
             ..Event::default()
