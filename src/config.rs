@@ -24,6 +24,21 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 10;
 /// How long shutdown waits for open connections to finish before exiting anyway.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 5;
+/// Worker tasks processing jobs at once.
+pub const DEFAULT_WORKERS: usize = 2;
+/// Retries of a job after its first attempt failed.
+pub const DEFAULT_MAX_RETRIES: u32 = 1;
+/// Seconds one attempt (plan, generate, validate, repairs) may take.
+pub const DEFAULT_JOB_TIMEOUT_SECS: u64 = 60;
+/// Pause before retrying a failed attempt.
+pub const RETRY_BACKOFF: Duration = Duration::from_millis(250);
+/// Jobs kept in memory; beyond it the oldest finished ones are forgotten, and when none is
+/// finished new jobs get 503.
+pub const DEFAULT_MAX_JOBS: usize = 100_000;
+/// Largest `content` of a generate request, in bytes; larger gets 413.
+pub const MAX_CONTENT_BYTES: usize = 100 * 1024;
+/// Largest generate request body: the content, escaped, plus room for the other fields.
+pub const MAX_GENERATE_BODY_BYTES: usize = 8 * MAX_CONTENT_BYTES;
 /// Largest request head (request line and headers) accepted; larger ones get 431.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Largest `POST /ai/events/publish` body; larger ones get 413.
@@ -54,6 +69,14 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Log verbosity (`LOG_LEVEL`).
     pub log_level: Level,
+    /// Worker tasks (`WORKERS`).
+    pub workers: usize,
+    /// Retries after a failed attempt (`MAX_RETRIES`).
+    pub max_retries: u32,
+    /// Time one attempt may take (`JOB_TIMEOUT_SECS`).
+    pub job_timeout: Duration,
+    /// Jobs kept in memory (`MAX_JOBS`).
+    pub max_jobs: usize,
 }
 
 /// An environment variable with a value the server cannot use.
@@ -90,6 +113,10 @@ impl Config {
             header_read_timeout: Duration::from_secs(DEFAULT_HEADER_READ_TIMEOUT_SECS),
             shutdown_grace: Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_SECS),
             log_level: Level::Info,
+            workers: DEFAULT_WORKERS,
+            max_retries: DEFAULT_MAX_RETRIES,
+            job_timeout: Duration::from_secs(DEFAULT_JOB_TIMEOUT_SECS),
+            max_jobs: DEFAULT_MAX_JOBS,
         }
     }
 
@@ -134,7 +161,29 @@ impl Config {
             config.log_level = Level::parse(&level)
                 .ok_or_else(|| invalid("LOG_LEVEL", "expected error, warn, info or debug"))?;
         }
+        if let Some(workers) = env_positive("WORKERS")? {
+            config.workers = workers;
+        }
+        if let Some(retries) = env_parse::<u32>("MAX_RETRIES")? {
+            config.max_retries = retries;
+        }
+        if let Some(secs) = env_positive("JOB_TIMEOUT_SECS")? {
+            config.job_timeout = Duration::from_secs(secs as u64);
+        }
+        if let Some(max) = env_positive("MAX_JOBS")? {
+            config.max_jobs = max;
+        }
         Ok(config)
+    }
+
+    /// The worker settings within this configuration.
+    pub fn worker_config(&self) -> crate::jobs::WorkerConfig {
+        crate::jobs::WorkerConfig {
+            workers: self.workers,
+            max_retries: self.max_retries,
+            retry_backoff: RETRY_BACKOFF,
+            attempt_timeout: self.job_timeout,
+        }
     }
 }
 

@@ -18,8 +18,10 @@ pub enum ApiError {
     NotFound,
     /// 405: the path exists, with these methods (the `Allow` header).
     MethodNotAllowed(&'static str),
-    /// 413: the body is larger than the endpoint's limit in bytes.
-    PayloadTooLarge(usize),
+    /// 413: this part of the request is larger than this many bytes.
+    PayloadTooLarge(&'static str, usize),
+    /// 409: the resource is in a state that does not allow the request.
+    Conflict(String),
     /// 422: a field is missing or has a value the endpoint cannot use.
     Unprocessable(String),
     /// 429: the user has too many open streams.
@@ -39,7 +41,8 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -50,12 +53,16 @@ impl ApiError {
     /// The human-readable text of the JSON body's `error` field.
     pub fn message(&self) -> String {
         match self {
-            ApiError::BadRequest(text) | ApiError::Unprocessable(text) => text.clone(),
+            ApiError::BadRequest(text)
+            | ApiError::Unprocessable(text)
+            | ApiError::Conflict(text) => text.clone(),
             ApiError::Unauthorized(text) | ApiError::Forbidden(text) => (*text).to_owned(),
             ApiError::Unavailable(text) => (*text).to_owned(),
             ApiError::NotFound => "not found".to_owned(),
             ApiError::MethodNotAllowed(allow) => format!("method not allowed; use {allow}"),
-            ApiError::PayloadTooLarge(limit) => format!("body is larger than {limit} bytes"),
+            ApiError::PayloadTooLarge(what, limit) => {
+                format!("{what} is larger than {limit} bytes")
+            }
             ApiError::TooManyStreams(max) => {
                 format!("too many open streams for this user (max {max})")
             }

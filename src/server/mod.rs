@@ -26,6 +26,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::config::{Config, MAX_HEADER_BYTES};
 use crate::events::{EventBus, Handler};
+use crate::jobs::{ArtifactGenerator, ArtifactWorker, JobStore, MemoryJobStore, OfflineGenerator};
 use crate::log;
 use crate::sse::{SseBody, StreamIndex};
 
@@ -42,13 +43,28 @@ pub struct AppState {
     pub streams: Arc<StreamIndex>,
     /// Verifies bearer tokens.
     pub auth: Authenticator,
+    /// Queues and runs artifact jobs.
+    pub jobs: Arc<ArtifactWorker>,
     /// The index's bus subscription, removed when the state is dropped.
     stream_handler: Handler,
 }
 
 impl AppState {
-    /// Builds the state and subscribes its stream index to `bus`.
+    /// Builds the state with an in-memory job store and the offline generator.
     pub fn new(config: Config, bus: Arc<EventBus>) -> Arc<Self> {
+        let store = Arc::new(MemoryJobStore::new(config.max_jobs));
+        Self::with_jobs(config, bus, store, Arc::new(OfflineGenerator))
+    }
+
+    /// Builds the state around the given job store and generator, and subscribes its stream
+    /// index to `bus`. Job workers start with [`run`].
+    pub fn with_jobs(
+        config: Config,
+        bus: Arc<EventBus>,
+        store: Arc<dyn JobStore>,
+        generator: Arc<dyn ArtifactGenerator>,
+    ) -> Arc<Self> {
+        let jobs = ArtifactWorker::new(store, generator, bus.clone(), config.worker_config());
         let streams = StreamIndex::new(config.stream_queue_capacity, config.max_streams_per_user);
         let stream_handler = streams.attach(&bus);
         let auth = Authenticator::new(config.jwt_secret.as_bytes(), config.jwt_algorithm);
@@ -57,6 +73,7 @@ impl AppState {
             bus,
             streams,
             auth,
+            jobs,
             stream_handler,
         })
     }
@@ -69,8 +86,8 @@ impl Drop for AppState {
     }
 }
 
-/// Serves `listener` until `shutdown` completes, then ends every stream and waits (at most
-/// `config.shutdown_grace`) for open connections to finish.
+/// Runs the job workers and serves `listener` until `shutdown` completes; then ends every
+/// stream and waits (at most `config.shutdown_grace`) for connections and running jobs.
 pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
     let mut http = http1::Builder::new();
     // The timer is what makes header_read_timeout take effect at all.
@@ -78,6 +95,7 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         .header_read_timeout(state.config.header_read_timeout)
         .max_buf_size(MAX_HEADER_BYTES);
     let graceful = GracefulShutdown::new();
+    let workers = state.jobs.start();
     let connection_slots = Arc::new(Semaphore::new(state.config.max_connections));
     tokio::pin!(shutdown);
     match listener.local_addr() {
@@ -131,12 +149,21 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         state.streams.stream_count()
     );
     state.streams.close_all();
+    state.jobs.stop();
     let grace = state.config.shutdown_grace;
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        log::warning!("connections still open after {grace:?}; closing them");
+    let drained = async {
+        graceful.shutdown().await;
+        for worker in workers {
+            let _ = worker.await;
+        }
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
+        log::warning!("connections or jobs still running after {grace:?}; exiting anyway");
+    }
+    match state.jobs.store().queued_count() {
+        Ok(0) => {}
+        Ok(queued) => log::warning!("{queued} queued jobs were not started"),
+        Err(error) => log::error!("cannot count queued jobs: {error}"),
     }
     log::info!("stopped");
 }

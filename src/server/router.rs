@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 
 use super::error::ApiError;
-use super::routes::events;
+use super::routes::{artifact, events};
 use super::{json_response, AppState, ResponseBody};
 use crate::log;
 use crate::panic::catch_unwind;
@@ -57,6 +57,22 @@ async fn route(
             events::publish(&state, request).await
         }
         ["ai", "events", "publish"] => Err(ApiError::MethodNotAllowed("POST")),
+        ["ai", "artifact", "generate"] if method == Method::POST => {
+            artifact::generate(&state, request).await
+        }
+        ["ai", "artifact", "generate"] => Err(ApiError::MethodNotAllowed("POST")),
+        ["ai", "artifact", "jobs"] if method == Method::GET => {
+            artifact::list_jobs(&state, &request)
+        }
+        ["ai", "artifact", "jobs"] => Err(ApiError::MethodNotAllowed("GET")),
+        ["ai", "artifact", "jobs", job_id] if method == Method::GET => {
+            artifact::get_job(&state, &request, job_id)
+        }
+        ["ai", "artifact", "jobs", _] => Err(ApiError::MethodNotAllowed("GET")),
+        ["ai", "artifact", "jobs", job_id, "cancel"] if method == Method::POST => {
+            artifact::cancel_job(&state, &request, job_id).await
+        }
+        ["ai", "artifact", "jobs", _, "cancel"] => Err(ApiError::MethodNotAllowed("POST")),
         _ => Err(ApiError::NotFound),
     }
 }
@@ -70,12 +86,12 @@ pub(super) async fn read_json(request: Request<Incoming>, limit: usize) -> Resul
         .and_then(|value| value.parse::<u64>().ok());
     // Refuse a declared oversize body before reading any of it.
     if declared_length.is_some_and(|length| length > limit as u64) {
-        return Err(ApiError::PayloadTooLarge(limit));
+        return Err(ApiError::PayloadTooLarge("body", limit));
     }
     let body: Bytes = match Limited::new(request.into_body(), limit).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(error) if error.is::<LengthLimitError>() => {
-            return Err(ApiError::PayloadTooLarge(limit))
+            return Err(ApiError::PayloadTooLarge("body", limit))
         }
         Err(error) => {
             return Err(ApiError::BadRequest(format!(

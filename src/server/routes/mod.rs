@@ -1,3 +1,4 @@
 //! One module per resource.
 
+pub(super) mod artifact;
 pub(super) mod events;

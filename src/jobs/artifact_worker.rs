@@ -1,0 +1,324 @@
+//! The background worker: plan, generate, validate (with repairs), retry; store, then publish.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use super::generator::{ArtifactGenerator, GenerationRequest};
+use super::store::{JobChange, JobStore, StoreError, Updated};
+use super::{validator, Job, JobStatus};
+use crate::events::{EventBus, EventType};
+use crate::log;
+use crate::panic::catch_unwind;
+
+/// Repairs tried on invalid output before an attempt fails; the seed's error text names it.
+pub const MAX_REPAIR_ATTEMPTS: usize = 2;
+
+/// How the worker runs jobs.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Jobs processed at once (`WORKERS`).
+    pub workers: usize,
+    /// Retries after a failed first attempt (`MAX_RETRIES`).
+    pub max_retries: u32,
+    /// Pause before a retry.
+    pub retry_backoff: Duration,
+    /// Time one attempt may take before it counts as failed (`JOB_TIMEOUT_SECS`).
+    pub attempt_timeout: Duration,
+}
+
+/// What a cancel request did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CancelOutcome {
+    /// The job was queued or running and is now cancelled.
+    Cancelled(Job),
+    /// The job had already finished with this status.
+    AlreadyFinished(JobStatus),
+    /// No such job for this user.
+    NotFound,
+}
+
+/// Takes queued jobs from the store and runs them on `workers` tasks.
+pub struct ArtifactWorker {
+    store: Arc<dyn JobStore>,
+    generator: Arc<dyn ArtifactGenerator>,
+    bus: Arc<EventBus>,
+    config: WorkerConfig,
+    /// Wakes an idle task when a job is queued (`notify_one`) or the worker stops (`notify_waiters`).
+    wake: Notify,
+    stopping: AtomicBool,
+    /// Cancel signals of running jobs, by job id. A std `Mutex`: only map edits happen under it.
+    running: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+impl ArtifactWorker {
+    /// A worker over `store` using `generator`, publishing lifecycle events on `bus`.
+    pub fn new(
+        store: Arc<dyn JobStore>,
+        generator: Arc<dyn ArtifactGenerator>,
+        bus: Arc<EventBus>,
+        config: WorkerConfig,
+    ) -> Arc<Self> {
+        Arc::new(ArtifactWorker {
+            store,
+            generator,
+            bus,
+            config,
+            wake: Notify::new(),
+            stopping: AtomicBool::new(false),
+            running: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The store the worker reads and updates.
+    pub fn store(&self) -> &Arc<dyn JobStore> {
+        &self.store
+    }
+
+    /// Queues `job` and wakes a task for it.
+    pub fn submit(&self, job: Job) -> Result<(), StoreError> {
+        self.store.create(job)?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Cancels the user's job if it is queued or running, and publishes `artifact.cancelled`.
+    pub async fn cancel(&self, user_id: &str, job_id: &str) -> Result<CancelOutcome, StoreError> {
+        match self.store.get(job_id)? {
+            Some(job) if job.user_id == user_id => {}
+            _ => return Ok(CancelOutcome::NotFound),
+        }
+        let expected = [JobStatus::Queued, JobStatus::Running];
+        match self
+            .store
+            .update(job_id, &expected, JobChange::to(JobStatus::Cancelled))?
+        {
+            Updated::Applied(job) => {
+                if let Some(signal) = self.lock_running().get(job_id) {
+                    signal.notify_one();
+                }
+                log::info!("job {job_id} cancelled");
+                self.publish(EventType::CANCELLED, job.event_data()).await;
+                Ok(CancelOutcome::Cancelled(job))
+            }
+            Updated::Refused(status) => Ok(CancelOutcome::AlreadyFinished(status)),
+            Updated::Missing => Ok(CancelOutcome::NotFound),
+        }
+    }
+
+    /// Starts the worker tasks; they run until [`ArtifactWorker::stop`].
+    pub fn start(self: &Arc<Self>) -> Vec<JoinHandle<()>> {
+        (0..self.config.workers.max(1))
+            .map(|_| tokio::spawn(self.clone().run_task()))
+            .collect()
+    }
+
+    /// Stops taking new jobs; each task finishes the job it is running, then exits.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.wake.notify_waiters();
+    }
+
+    async fn run_task(self: Arc<Self>) {
+        loop {
+            // Registered before checking for work, so a wake-up in between is not lost.
+            let woken = self.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            match self.store.claim_next() {
+                Ok(Some(job)) => self.process_isolated(job).await,
+                Ok(None) => woken.await,
+                Err(error) => {
+                    log::error!("cannot claim a job: {error}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Runs one job; a panic outside the attempts still leaves the job failed, not running.
+    async fn process_isolated(&self, job: Job) {
+        let job_id = job.id.clone();
+        if let Err(panic) = catch_unwind(self.process(job)).await {
+            log::error!("worker panicked on job {job_id}: {panic}");
+            self.lock_running().remove(&job_id);
+            let change = JobChange {
+                error: Some("internal error in the worker".to_owned()),
+                ..JobChange::to(JobStatus::Failed)
+            };
+            if let Err(error) = self.store.update(&job_id, &[JobStatus::Running], change) {
+                log::error!("cannot mark job {job_id} failed: {error}");
+            }
+        }
+    }
+
+    async fn process(&self, job: Job) {
+        log::info!("processing job {} ({})", job.id, job.artifact_type.as_str());
+        let cancelled = Arc::new(Notify::new());
+        self.lock_running()
+            .insert(job.id.clone(), cancelled.clone());
+        self.publish(EventType::STARTED, job.event_data()).await;
+        let outcome = tokio::select! {
+            outcome = self.run_attempts(&job) => Some(outcome),
+            () = cancelled.notified() => None,
+        };
+        self.lock_running().remove(&job.id);
+        let Some((outcome, retry_count)) = outcome else {
+            log::info!("job {} stopped: cancelled while running", job.id);
+            return;
+        };
+        let (change, event_type) = match outcome {
+            Ok(result) => (
+                JobChange {
+                    result: Some(result),
+                    retry_count: Some(retry_count),
+                    ..JobChange::to(JobStatus::Completed)
+                },
+                EventType::COMPLETED,
+            ),
+            Err(error) => (
+                JobChange {
+                    error: Some(error),
+                    retry_count: Some(retry_count),
+                    ..JobChange::to(JobStatus::Failed)
+                },
+                EventType::FAILED,
+            ),
+        };
+        // Store first: a client that reads the job on receiving the event sees the final status.
+        let stored = match self.store.update(&job.id, &[JobStatus::Running], change) {
+            Ok(Updated::Applied(stored)) => stored,
+            Ok(other) => {
+                log::info!("job {} not finished by the worker: {other:?}", job.id);
+                return;
+            }
+            Err(error) => {
+                log::error!("cannot store the outcome of job {}: {error}", job.id);
+                return;
+            }
+        };
+        let mut data = stored.event_data();
+        match stored.status {
+            JobStatus::Completed => {
+                log::info!("job {} completed", stored.id);
+                data["result"] = stored.result.unwrap_or(Value::Null);
+            }
+            _ => {
+                let error = stored.error.unwrap_or_default();
+                log::warning!(
+                    "job {} failed after {} retries: {error}",
+                    stored.id,
+                    stored.retry_count
+                );
+                data["error"] = json!(error);
+                data["retry_count"] = json!(stored.retry_count);
+            }
+        }
+        self.publish(event_type, data).await;
+    }
+
+    /// Runs attempts until one succeeds or retries run out; returns the outcome and retries made.
+    async fn run_attempts(&self, job: &Job) -> (Result<Value, String>, u32) {
+        let request = job.generation_request();
+        let mut retries = 0;
+        loop {
+            let attempt = catch_unwind(self.attempt(job, &request));
+            let error = match tokio::time::timeout(self.config.attempt_timeout, attempt).await {
+                Ok(Ok(Ok(result))) => return (Ok(result), retries),
+                Ok(Ok(Err(error))) => error,
+                Ok(Err(panic)) => format!("the generator panicked: {panic}"),
+                Err(_) => format!(
+                    "the attempt timed out after {:?}",
+                    self.config.attempt_timeout
+                ),
+            };
+            log::warning!("job {} attempt {} failed: {error}", job.id, retries + 1);
+            if retries >= self.config.max_retries {
+                return (Err(error), retries);
+            }
+            retries += 1;
+            let change = JobChange {
+                retry_count: Some(retries),
+                ..JobChange::to(JobStatus::Running)
+            };
+            if let Err(error) = self.store.update(&job.id, &[JobStatus::Running], change) {
+                log::error!("cannot record retry {retries} of job {}: {error}", job.id);
+            }
+            tokio::time::sleep(self.config.retry_backoff).await;
+        }
+    }
+
+    /// One attempt: plan, generate, then validate with up to two repairs.
+    async fn attempt(&self, job: &Job, request: &GenerationRequest) -> Result<Value, String> {
+        let plan = self
+            .generator
+            .plan(request)
+            .await
+            .map_err(|error| error.to_string())?;
+        log::info!("job {}: plan created", job.id);
+        self.progress(job, 20, "planned").await;
+        let mut output = self
+            .generator
+            .generate(request, &plan)
+            .await
+            .map_err(|error| error.to_string())?;
+        log::info!("job {}: generated", job.id);
+        self.progress(job, 60, "generated").await;
+        let mut repairs = 0;
+        loop {
+            match validator::validate(request, &output) {
+                Ok(()) => {
+                    log::info!("job {}: validation passed", job.id);
+                    self.progress(job, 90, "validated").await;
+                    return Ok(output);
+                }
+                Err(errors) if repairs < MAX_REPAIR_ATTEMPTS => {
+                    repairs += 1;
+                    log::info!(
+                        "job {}: validation failed, repair {repairs}: {}",
+                        job.id,
+                        errors.join("; ")
+                    );
+                    output = self
+                        .generator
+                        .repair(request, &plan, &output, &errors)
+                        .await
+                        .map_err(|error| error.to_string())?;
+                }
+                Err(errors) => {
+                    log::info!("job {}: validation failed: {}", job.id, errors.join("; "));
+                    return Err(format!(
+                        "Validation failed after {MAX_REPAIR_ATTEMPTS} repair attempts: {}",
+                        validator::failure_reason(request, &errors)
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn progress(&self, job: &Job, percent: u8, stage: &str) {
+        let mut data = job.event_data();
+        data["progress"] = json!(percent);
+        data["stage"] = json!(stage);
+        self.publish(EventType::PROGRESS, data).await;
+    }
+
+    async fn publish(&self, event_type: EventType, data: Value) {
+        let job_id = data["job_id"].as_str().unwrap_or_default().to_owned();
+        self.bus.publish(&event_type, data).await;
+        log::info!("job {job_id}: published {event_type}");
+    }
+
+    fn lock_running(&self) -> MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+        // Only map edits happen under this lock, so a poisoned map is still consistent.
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
