@@ -30,8 +30,8 @@ pub const DEFAULT_WORKERS: usize = 2;
 pub const DEFAULT_MAX_RETRIES: u32 = 1;
 /// Seconds one attempt (plan, generate, validate, repairs) may take.
 pub const DEFAULT_JOB_TIMEOUT_SECS: u64 = 60;
-/// Pause before retrying a failed attempt.
-pub const RETRY_BACKOFF: Duration = Duration::from_millis(250);
+/// Milliseconds to pause before retrying a failed attempt.
+pub const DEFAULT_RETRY_BACKOFF_MS: u64 = 250;
 /// Jobs kept in memory; beyond it the oldest finished ones are forgotten, and when none is
 /// finished new jobs get 503.
 pub const DEFAULT_MAX_JOBS: usize = 100_000;
@@ -75,6 +75,8 @@ pub struct Config {
     pub max_retries: u32,
     /// Time one attempt may take (`JOB_TIMEOUT_SECS`).
     pub job_timeout: Duration,
+    /// Pause before a retry (`RETRY_BACKOFF_MS`).
+    pub retry_backoff: Duration,
     /// Jobs kept in memory (`MAX_JOBS`).
     pub max_jobs: usize,
 }
@@ -116,6 +118,7 @@ impl Config {
             workers: DEFAULT_WORKERS,
             max_retries: DEFAULT_MAX_RETRIES,
             job_timeout: Duration::from_secs(DEFAULT_JOB_TIMEOUT_SECS),
+            retry_backoff: Duration::from_millis(DEFAULT_RETRY_BACKOFF_MS),
             max_jobs: DEFAULT_MAX_JOBS,
         }
     }
@@ -170,6 +173,9 @@ impl Config {
         if let Some(secs) = env_positive("JOB_TIMEOUT_SECS")? {
             config.job_timeout = Duration::from_secs(secs as u64);
         }
+        if let Some(millis) = env_parse::<u64>("RETRY_BACKOFF_MS")? {
+            config.retry_backoff = Duration::from_millis(millis);
+        }
         if let Some(max) = env_positive("MAX_JOBS")? {
             config.max_jobs = max;
         }
@@ -181,7 +187,7 @@ impl Config {
         crate::jobs::WorkerConfig {
             workers: self.workers,
             max_retries: self.max_retries,
-            retry_backoff: RETRY_BACKOFF,
+            retry_backoff: self.retry_backoff,
             attempt_timeout: self.job_timeout,
         }
     }

@@ -32,6 +32,11 @@ ENVIRONMENT:
     HEADER_READ_TIMEOUT_SECS   time allowed for a request head       [10]
     SHUTDOWN_GRACE_SECS        time shutdown waits for connections   [5]
     LOG_LEVEL                  error, warn, info or debug            [info]
+    WORKERS                    jobs processed at once                [2]
+    MAX_RETRIES                retries after a failed attempt        [1]
+    RETRY_BACKOFF_MS           pause before a retry                  [250]
+    JOB_TIMEOUT_SECS           time one attempt may take             [60]
+    MAX_JOBS                   jobs kept in memory (oldest finished forgotten first) [100000]
 ";
 
 /// Lifetime of tokens printed by `token` and by development mode.

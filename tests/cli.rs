@@ -58,6 +58,11 @@ fn help_lists_every_flag_and_environment_variable() {
         "HEADER_READ_TIMEOUT_SECS",
         "SHUTDOWN_GRACE_SECS",
         "LOG_LEVEL",
+        "WORKERS",
+        "MAX_RETRIES",
+        "RETRY_BACKOFF_MS",
+        "JOB_TIMEOUT_SECS",
+        "MAX_JOBS",
     ] {
         assert!(help.contains(name), "--help does not mention {name}");
     }

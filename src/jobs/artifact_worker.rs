@@ -103,7 +103,9 @@ impl ArtifactWorker {
                     signal.notify_one();
                 }
                 log::info!("job {job_id} cancelled");
-                self.publish(EventType::CANCELLED, job.event_data()).await;
+                let mut data = job.event_data();
+                data["status"] = json!(JobStatus::Cancelled.as_str());
+                self.publish(EventType::CANCELLED, data).await;
                 Ok(CancelOutcome::Cancelled(job))
             }
             Updated::Refused(status) => Ok(CancelOutcome::AlreadyFinished(status)),
@@ -165,7 +167,9 @@ impl ArtifactWorker {
         let cancelled = Arc::new(Notify::new());
         self.lock_running()
             .insert(job.id.clone(), cancelled.clone());
-        self.publish(EventType::STARTED, job.event_data()).await;
+        let mut started = job.event_data();
+        started["status"] = json!(JobStatus::Running.as_str());
+        self.publish(EventType::STARTED, started).await;
         let outcome = tokio::select! {
             outcome = self.run_attempts(&job) => Some(outcome),
             () = cancelled.notified() => None,
@@ -306,6 +310,7 @@ impl ArtifactWorker {
 
     async fn progress(&self, job: &Job, percent: u8, stage: &str) {
         let mut data = job.event_data();
+        data["status"] = json!(JobStatus::Running.as_str());
         data["progress"] = json!(percent);
         data["stage"] = json!(stage);
         self.publish(EventType::PROGRESS, data).await;

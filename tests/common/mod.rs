@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use artifact_events::config::Config;
+use artifact_events::jobs::{ArtifactGenerator, MemoryJobStore, OfflineGenerator};
 use artifact_events::server::{self, AppState};
 use artifact_events::EventBus;
 use bytes::Bytes;
@@ -38,9 +39,18 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: Config) -> Self {
+        Self::start_with_generator(config, Arc::new(OfflineGenerator)).await
+    }
+
+    /// A server whose jobs use `generator`, with an in-memory store.
+    pub async fn start_with_generator(
+        config: Config,
+        generator: Arc<dyn ArtifactGenerator>,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let state = AppState::new(config, Arc::new(EventBus::new()));
+        let store = Arc::new(MemoryJobStore::new(config.max_jobs));
+        let state = AppState::with_jobs(config, Arc::new(EventBus::new()), store, generator);
         let (shutdown, stop) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(listener, state.clone(), async {
             let _ = stop.await;
