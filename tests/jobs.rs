@@ -231,7 +231,9 @@ async fn a_bare_instruction_fails_after_one_retry_with_an_actionable_error() {
 #[tokio::test]
 async fn the_store_holds_the_final_status_before_the_event_is_published() {
     let server = TestServer::start(config()).await;
-    let seen: Arc<Mutex<Vec<(String, Option<JobStatus>)>>> = Arc::default();
+    // (event type, the job's stored status when its handler ran)
+    type Observed = Vec<(String, Option<JobStatus>)>;
+    let seen: Arc<Mutex<Observed>> = Arc::default();
     for event_type in [EventType::COMPLETED, EventType::FAILED] {
         let jobs = server.state.jobs.clone();
         let seen = seen.clone();

@@ -36,7 +36,7 @@ pub struct WorkerConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub enum CancelOutcome {
     /// The job was queued or running and is now cancelled.
-    Cancelled(Job),
+    Cancelled(Box<Job>),
     /// The job had already finished with this status.
     AlreadyFinished(JobStatus),
     /// No such job for this user.

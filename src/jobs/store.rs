@@ -48,7 +48,7 @@ impl JobChange {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Updated {
     /// The job was in an expected status and now holds the change.
-    Applied(Job),
+    Applied(Box<Job>),
     /// The job was in this other status, and is unchanged.
     Refused(JobStatus),
     /// No job has that id.
@@ -200,7 +200,7 @@ impl JobStore for MemoryJobStore {
             job.retry_count = retry_count;
         }
         job.updated_at = crate::time::now_rfc3339();
-        Ok(Updated::Applied(job.clone()))
+        Ok(Updated::Applied(Box::new(job.clone())))
     }
 
     fn queued_count(&self) -> Result<usize, StoreError> {
