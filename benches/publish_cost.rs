@@ -1,16 +1,16 @@
 //! What one publish costs with 10 vs 10,000 other users' streams open.
 //!
 //! Streams are opened on the real `StreamIndex` (no sockets, so the figure is the publish path
-//! alone: bus, index lookup, one encode, queueing). One recipient stream is drained as it goes.
+//! alone: bus, index lookup, id and history, one encode, queueing). One recipient stream is drained as it goes.
 //! CPU time is the publishing thread's own, read from `/proc/thread-self/schedstat`.
 //! Run: `cargo bench --bench publish_cost` (`-- --smoke` for a quick check).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use artifact_events::config::Config;
 use artifact_events::sse::StreamIndex;
 use artifact_events::{EventBus, EventType};
-use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::sync::Notify;
@@ -25,31 +25,17 @@ fn thread_cpu_nanos() -> u64 {
 /// Average CPU and wall nanoseconds per publish to one recipient with `others` streams open.
 async fn measure(others: usize, publishes: usize) -> (f64, f64) {
     let bus = EventBus::new();
-    let index = StreamIndex::new(256, 32);
+    let index = StreamIndex::new(
+        Config::with_secret("bench").stream_settings(),
+        Arc::default(),
+    );
     let _subscription = index.attach(&bus);
-    let keepalive = Duration::from_secs(3600);
     let mut idle = Vec::with_capacity(others);
     for n in 0..others {
-        let first = Bytes::from_static(b"data: {}\n\n");
-        idle.push(
-            index
-                .open(
-                    &format!("other-{n}"),
-                    first,
-                    keepalive,
-                    Arc::new(Notify::new()),
-                )
-                .unwrap(),
-        );
+        let user = format!("other-{n}");
+        idle.push(index.open(&user, None, Arc::new(Notify::new())).unwrap());
     }
-    let mut recipient = index
-        .open(
-            "target",
-            Bytes::from_static(b"data: {}\n\n"),
-            keepalive,
-            Arc::new(Notify::new()),
-        )
-        .unwrap();
+    let mut recipient = index.open("target", None, Arc::new(Notify::new())).unwrap();
     recipient.frame().await;
     let event_type = EventType::COMPLETED;
     let cpu_start = thread_cpu_nanos();

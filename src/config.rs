@@ -8,6 +8,7 @@ use std::time::Duration;
 use jsonwebtoken::Algorithm;
 
 use crate::log::Level;
+use crate::sse::{HistoryLimits, StreamSettings};
 
 /// Where the server listens unless `ADDR` or `--addr` says otherwise.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8000";
@@ -24,6 +25,19 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 10;
 /// How long shutdown waits for open connections to finish before exiting anyway.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 5;
+/// Milliseconds a disconnected `EventSource` waits before reconnecting (the `retry:` field).
+pub const DEFAULT_RECONNECT_DELAY_MS: u64 = 2000;
+/// Events kept per user for `Last-Event-ID` replay.
+pub const DEFAULT_HISTORY_EVENTS_PER_USER: usize = 1000;
+/// Seconds an event stays replayable.
+pub const DEFAULT_HISTORY_SECS: u64 = 600;
+/// Events kept for replay over all users; the oldest go first.
+pub const DEFAULT_HISTORY_TOTAL_EVENTS: usize = 262_144;
+/// Encoded bytes kept for replay over all users; the oldest go first.
+pub const DEFAULT_HISTORY_TOTAL_BYTES: usize = 64 * 1024 * 1024;
+/// File descriptors kept free for the listener, logs and the store when capping connections
+/// to the process's open-file limit.
+const RESERVED_FILE_DESCRIPTORS: usize = 64;
 /// Worker tasks processing jobs at once.
 pub const DEFAULT_WORKERS: usize = 2;
 /// Retries of a job after its first attempt failed.
@@ -61,8 +75,15 @@ pub struct Config {
     pub stream_queue_capacity: usize,
     /// Open streams allowed per user (`MAX_STREAMS_PER_USER`).
     pub max_streams_per_user: usize,
-    /// Open connections allowed overall (`MAX_CONNECTIONS`).
+    /// Open connections allowed overall (`MAX_CONNECTIONS`), never above what the open-file
+    /// limit allows.
     pub max_connections: usize,
+    /// The `retry:` delay sent to clients (`SSE_RETRY_MS`).
+    pub reconnect_delay: Duration,
+    /// What is kept for `Last-Event-ID` replay (`SSE_HISTORY_*`).
+    pub history: HistoryLimits,
+    /// Origins allowed to call the API from a browser (`CORS_ALLOW_ORIGINS`).
+    pub cors_allow_origins: Vec<String>,
     /// Time allowed for a request head (`HEADER_READ_TIMEOUT_SECS`).
     pub header_read_timeout: Duration,
     /// Time shutdown waits for connections (`SHUTDOWN_GRACE_SECS`).
@@ -112,6 +133,14 @@ impl Config {
             stream_queue_capacity: DEFAULT_STREAM_QUEUE_CAPACITY,
             max_streams_per_user: DEFAULT_MAX_STREAMS_PER_USER,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            reconnect_delay: Duration::from_millis(DEFAULT_RECONNECT_DELAY_MS),
+            history: HistoryLimits {
+                events_per_user: DEFAULT_HISTORY_EVENTS_PER_USER,
+                max_age: Duration::from_secs(DEFAULT_HISTORY_SECS),
+                total_events: DEFAULT_HISTORY_TOTAL_EVENTS,
+                total_bytes: DEFAULT_HISTORY_TOTAL_BYTES,
+            },
+            cors_allow_origins: Vec::new(),
             header_read_timeout: Duration::from_secs(DEFAULT_HEADER_READ_TIMEOUT_SECS),
             shutdown_grace: Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_SECS),
             log_level: Level::Info,
@@ -154,6 +183,28 @@ impl Config {
         if let Some(max) = env_positive("MAX_CONNECTIONS")? {
             config.max_connections = max;
         }
+        if let Some(millis) = env_parse::<u64>("SSE_RETRY_MS")? {
+            config.reconnect_delay = Duration::from_millis(millis);
+        }
+        if let Some(events) = env_positive("SSE_HISTORY_EVENTS")? {
+            config.history.events_per_user = events;
+        }
+        if let Some(secs) = env_positive("SSE_HISTORY_SECS")? {
+            config.history.max_age = Duration::from_secs(secs as u64);
+        }
+        if let Some(events) = env_positive("SSE_HISTORY_TOTAL_EVENTS")? {
+            config.history.total_events = events;
+        }
+        if let Some(bytes) = env_positive("SSE_HISTORY_MAX_BYTES")? {
+            config.history.total_bytes = bytes;
+        }
+        if let Some(origins) = env_value("CORS_ALLOW_ORIGINS") {
+            config.cors_allow_origins = origins
+                .split(',')
+                .map(|origin| origin.trim().trim_end_matches('/').to_owned())
+                .filter(|origin| !origin.is_empty())
+                .collect();
+        }
         if let Some(secs) = env_positive("HEADER_READ_TIMEOUT_SECS")? {
             config.header_read_timeout = Duration::from_secs(secs as u64);
         }
@@ -182,6 +233,29 @@ impl Config {
         Ok(config)
     }
 
+    /// Connections allowed: `max_connections`, lowered to fit the open-file limit if need be.
+    pub fn connection_limit(&self) -> usize {
+        match open_file_limit() {
+            Some(files)
+                if files.saturating_sub(RESERVED_FILE_DESCRIPTORS) < self.max_connections =>
+            {
+                files.saturating_sub(RESERVED_FILE_DESCRIPTORS).max(1)
+            }
+            _ => self.max_connections,
+        }
+    }
+
+    /// The stream settings within this configuration.
+    pub fn stream_settings(&self) -> StreamSettings {
+        StreamSettings {
+            queue_capacity: self.stream_queue_capacity,
+            max_streams_per_user: self.max_streams_per_user,
+            keepalive: self.keepalive,
+            reconnect_delay: self.reconnect_delay,
+            history: self.history,
+        }
+    }
+
     /// The worker settings within this configuration.
     pub fn worker_config(&self) -> crate::jobs::WorkerConfig {
         crate::jobs::WorkerConfig {
@@ -191,6 +265,15 @@ impl Config {
             attempt_timeout: self.job_timeout,
         }
     }
+}
+
+/// The soft `RLIMIT_NOFILE`, read from `/proc/self/limits` (no libc dependency needed).
+fn open_file_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 fn env_value(variable: &str) -> Option<String> {

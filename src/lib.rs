@@ -2,9 +2,11 @@
 //!
 //! # Layout
 //! - [`events`]: `EventType`, the publish/subscribe [`events::EventBus`] and `get_event_bus()`.
-//! - [`sse`]: the SSE wire format (pure), a client's stream body, and the per-user stream index.
+//! - [`sse`]: the SSE wire format (pure), event ids and replay history, a client's stream body,
+//!   and the per-user stream index.
 //! - [`jobs`]: the job record and `JobStore`, the generator and validator, and `ArtifactWorker`.
 //! - [`server`]: the accept loop, router, JWT auth, errors and the HTTP routes.
+//! - [`metrics`]: counters for `GET /metrics`, in the Prometheus text format.
 //! - [`config`]: settings with named defaults, read from the environment.
 //! - [`log`], [`time`], [`random`]: small utilities that keep the dependency list short.
 
@@ -12,6 +14,7 @@ pub mod config;
 pub mod events;
 pub mod jobs;
 pub mod log;
+pub mod metrics;
 pub(crate) mod panic;
 pub mod random;
 pub mod server;

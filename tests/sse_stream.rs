@@ -5,6 +5,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use artifact_events::sse::EventId;
 use artifact_events::EventType;
 use common::{config, publish_http, SseClient, TestServer, PATIENCE};
 use serde_json::json;
@@ -22,7 +23,7 @@ async fn connected_frame_is_byte_exact_with_event_stream_headers() {
     assert_eq!(client.headers["transfer-encoding"], "chunked");
     assert_eq!(
         client.next_frame().await.unwrap(),
-        "data: {\"type\":\"connected\",\"user_id\":\"alice\"}\n\n"
+        "retry: 2000\ndata: {\"type\":\"connected\",\"user_id\":\"alice\"}\n\n"
     );
     server.stop().await;
 }
@@ -48,15 +49,24 @@ async fn own_events_arrive_in_publish_order_as_compact_json_data_frames() {
     )
     .await;
 
+    let first = client.next_frame().await.unwrap();
+    let (id_line, data) = first.split_once('\n').unwrap();
+    let first_id = EventId::parse(id_line.strip_prefix("id: ").unwrap()).unwrap();
+    assert_eq!(data, "data: {\"n\":1,\"user_id\":\"alice\"}\n\n");
+    let second_id = EventId {
+        seq: first_id.seq + 1,
+        ..first_id
+    };
     assert_eq!(
         client.next_frame().await.unwrap(),
-        "data: {\"n\":1,\"user_id\":\"alice\"}\n\n"
+        format!("id: {second_id}\ndata: {{\"n\":2,\"result\":{{\"a\":[1,2]}},\"user_id\":\"alice\"}}\n\n")
     );
+    let (third_id, third) = client.next_event_with_id().await;
+    assert_eq!(third["n"], 3);
     assert_eq!(
-        client.next_frame().await.unwrap(),
-        "data: {\"n\":2,\"result\":{\"a\":[1,2]},\"user_id\":\"alice\"}\n\n"
+        EventId::parse(&third_id.unwrap()).unwrap().seq,
+        first_id.seq + 2
     );
-    assert_eq!(client.next_event().await["n"], 3);
     server.stop().await;
 }
 
@@ -233,7 +243,7 @@ async fn a_client_that_stops_reading_is_disconnected_instead_of_growing_memory()
     reader.next_frame().await;
     let padding = "x".repeat(16 * 1024);
     let mut published = 0;
-    while server.state.streams.slow_consumer_disconnects() == 0 {
+    while server.state.metrics.slow_consumer_disconnects() == 0 {
         assert!(
             published < 10_000,
             "the stalled client was never disconnected"
@@ -254,7 +264,7 @@ async fn a_client_that_stops_reading_is_disconnected_instead_of_growing_memory()
             state.streams.stream_count() == 1
         })
         .await;
-    assert_eq!(server.state.streams.slow_consumer_disconnects(), 1);
+    assert_eq!(server.state.metrics.slow_consumer_disconnects(), 1);
 
     // The server closed the stalled connection: reading it to the end terminates.
     let drained = tokio::time::timeout(PATIENCE, async {

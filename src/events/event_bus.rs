@@ -17,7 +17,7 @@ type HandlerFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// An async function of the event data; clones are the same handler for `unsubscribe`.
 #[derive(Clone)]
-pub struct Handler(Arc<dyn Fn(Arc<Value>) -> HandlerFuture + Send + Sync>);
+pub struct Handler(Arc<dyn Fn(&EventType, Arc<Value>) -> HandlerFuture + Send + Sync>);
 
 impl Handler {
     /// Wraps an async function or closure taking the shared event data.
@@ -26,7 +26,19 @@ impl Handler {
         F: Fn(Arc<Value>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        Handler(Arc::new(move |data| Box::pin(handler(data))))
+        Handler(Arc::new(move |_, data| Box::pin(handler(data))))
+    }
+
+    /// Wraps a function that also needs the type the event was published as (useful with
+    /// [`EventType::ANY`]).
+    pub fn with_event_type<F, Fut>(handler: F) -> Self
+    where
+        F: Fn(&EventType, Arc<Value>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        Handler(Arc::new(move |event_type, data| {
+            Box::pin(handler(event_type, data))
+        }))
     }
 }
 
@@ -86,7 +98,9 @@ impl EventBus {
         let mut running: Vec<CatchUnwind<HandlerFuture>> = Vec::with_capacity(handlers.len());
         for handler in &handlers {
             // Calling the handler can panic before it returns a future.
-            match std::panic::catch_unwind(AssertUnwindSafe(|| (handler.0)(data.clone()))) {
+            match std::panic::catch_unwind(AssertUnwindSafe(|| {
+                (handler.0)(event_type, data.clone())
+            })) {
                 Ok(future) => running.push(catch_unwind(future)),
                 Err(payload) => log_panic(event_type, &panic_message(payload.as_ref())),
             }

@@ -84,8 +84,10 @@ pub trait JobStore: Send + Sync + 'static {
         expected: &[JobStatus],
         change: JobChange,
     ) -> Result<Updated, StoreError>;
-    /// How many jobs are queued, not yet claimed.
-    fn queued_count(&self) -> Result<usize, StoreError>;
+    /// Ids of the jobs still queued, oldest first.
+    fn queued_ids(&self) -> Result<Vec<String>, StoreError>;
+    /// How many jobs are in each status.
+    fn count_by_status(&self) -> Result<Vec<(JobStatus, usize)>, StoreError>;
 }
 
 /// Keeps jobs in memory; they are gone when the process exits.
@@ -203,13 +205,30 @@ impl JobStore for MemoryJobStore {
         Ok(Updated::Applied(Box::new(job.clone())))
     }
 
-    fn queued_count(&self) -> Result<usize, StoreError> {
+    fn queued_ids(&self) -> Result<Vec<String>, StoreError> {
         let state = self.lock();
-        Ok(state
-            .jobs
-            .values()
-            .filter(|job| job.status == JobStatus::Queued)
-            .count())
+        let is_queued = |id: &&String| {
+            state
+                .jobs
+                .get(*id)
+                .is_some_and(|job| job.status == JobStatus::Queued)
+        };
+        Ok(state.queue.iter().filter(is_queued).cloned().collect())
+    }
+
+    fn count_by_status(&self) -> Result<Vec<(JobStatus, usize)>, StoreError> {
+        let state = self.lock();
+        let count = |status| {
+            state
+                .jobs
+                .values()
+                .filter(|job| job.status == status)
+                .count()
+        };
+        Ok(JobStatus::ALL
+            .into_iter()
+            .map(|status| (status, count(status)))
+            .collect())
     }
 }
 

@@ -73,23 +73,7 @@ impl Authenticator {
 
     /// Verifies the `Authorization: Bearer` header.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Identity, ApiError> {
-        let value = headers
-            .get(AUTHORIZATION)
-            .ok_or(ApiError::Unauthorized("missing bearer token"))?;
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|value| {
-                value
-                    .strip_prefix("Bearer ")
-                    .or_else(|| value.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .filter(|token| !token.is_empty())
-            .ok_or(ApiError::Unauthorized(
-                "authorization header is not 'Bearer <token>'",
-            ))?;
-        self.verify(token)
+        self.verify(bearer_token(headers)?)
     }
 
     /// Verifies one token string: signature, algorithm, expiry and a non-empty `sub`.
@@ -115,4 +99,24 @@ impl Authenticator {
             publisher: claims.role.as_deref() == Some(PUBLISHER_ROLE),
         })
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+pub(super) fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
+    let value = headers
+        .get(AUTHORIZATION)
+        .ok_or(ApiError::Unauthorized("missing bearer token"))?;
+    value
+        .to_str()
+        .ok()
+        .and_then(|value| {
+            value
+                .strip_prefix("Bearer ")
+                .or_else(|| value.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+        .ok_or(ApiError::Unauthorized(
+            "authorization header is not 'Bearer <token>'",
+        ))
 }

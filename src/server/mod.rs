@@ -28,6 +28,7 @@ use crate::config::{Config, MAX_HEADER_BYTES};
 use crate::events::{EventBus, Handler};
 use crate::jobs::{ArtifactGenerator, ArtifactWorker, JobStore, MemoryJobStore, OfflineGenerator};
 use crate::log;
+use crate::metrics::Metrics;
 use crate::sse::{SseBody, StreamIndex};
 
 /// A response body: a whole JSON document, or an open event stream.
@@ -45,6 +46,8 @@ pub struct AppState {
     pub auth: Authenticator,
     /// Queues and runs artifact jobs.
     pub jobs: Arc<ArtifactWorker>,
+    /// Counters for `GET /metrics`.
+    pub metrics: Arc<Metrics>,
     /// The index's bus subscription, removed when the state is dropped.
     stream_handler: Handler,
 }
@@ -65,7 +68,8 @@ impl AppState {
         generator: Arc<dyn ArtifactGenerator>,
     ) -> Arc<Self> {
         let jobs = ArtifactWorker::new(store, generator, bus.clone(), config.worker_config());
-        let streams = StreamIndex::new(config.stream_queue_capacity, config.max_streams_per_user);
+        let metrics = Arc::new(Metrics::default());
+        let streams = StreamIndex::new(config.stream_settings(), metrics.clone());
         let stream_handler = streams.attach(&bus);
         let auth = Authenticator::new(config.jwt_secret.as_bytes(), config.jwt_algorithm);
         Arc::new(AppState {
@@ -74,6 +78,7 @@ impl AppState {
             streams,
             auth,
             jobs,
+            metrics,
             stream_handler,
         })
     }
@@ -96,7 +101,14 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         .max_buf_size(MAX_HEADER_BYTES);
     let graceful = GracefulShutdown::new();
     let workers = state.jobs.start();
-    let connection_slots = Arc::new(Semaphore::new(state.config.max_connections));
+    let connection_limit = state.config.connection_limit();
+    if connection_limit < state.config.max_connections {
+        log::warning!(
+            "MAX_CONNECTIONS lowered from {} to {connection_limit} to fit the open-file limit",
+            state.config.max_connections
+        );
+    }
+    let connection_slots = Arc::new(Semaphore::new(connection_limit));
     tokio::pin!(shutdown);
     match listener.local_addr() {
         Ok(addr) => log::info!("listening on http://{addr}"),
@@ -160,10 +172,14 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
     if tokio::time::timeout(grace, drained).await.is_err() {
         log::warning!("connections or jobs still running after {grace:?}; exiting anyway");
     }
-    match state.jobs.store().queued_count() {
-        Ok(0) => {}
-        Ok(queued) => log::warning!("{queued} queued jobs were not started"),
-        Err(error) => log::error!("cannot count queued jobs: {error}"),
+    match state.jobs.store().queued_ids() {
+        Ok(queued) if queued.is_empty() => {}
+        Ok(queued) => log::warning!(
+            "{} queued jobs were not started: {}",
+            queued.len(),
+            queued.join(", ")
+        ),
+        Err(error) => log::error!("cannot list queued jobs: {error}"),
     }
     log::info!("stopped");
 }

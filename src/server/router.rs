@@ -4,8 +4,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::header::CONTENT_LENGTH;
+use hyper::header::{
+    HeaderMap, HeaderValue, ACCESS_CONTROL_ALLOW_CREDENTIALS, ACCESS_CONTROL_ALLOW_HEADERS,
+    ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_MAX_AGE, ALLOW,
+    CONTENT_LENGTH, CONTENT_TYPE, ORIGIN, VARY,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
@@ -24,15 +29,55 @@ pub async fn handle(
 ) -> Response<ResponseBody> {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let response = match catch_unwind(route(state, disconnect, request)).await {
+    let origin = allowed_origin(&state.config.cors_allow_origins, request.headers());
+    let mut response = match catch_unwind(route(state.clone(), disconnect, request)).await {
         Ok(Ok(response)) => response,
+        // A known path answers OPTIONS with what it allows: the CORS preflight.
+        Ok(Err(ApiError::MethodNotAllowed(allow))) if method == Method::OPTIONS => preflight(allow),
         Ok(Err(error)) => error.into_response(),
         Err(panic) => {
             log::error!("{method} {path} panicked: {panic}");
             ApiError::Internal.into_response()
         }
     };
+    if let Some(origin) = origin {
+        let headers = response.headers_mut();
+        headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.insert(
+            ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+        headers.append(VARY, HeaderValue::from_static("origin"));
+    }
+    state.metrics.count_response(response.status().as_u16());
     log::debug!("{method} {path} -> {}", response.status().as_u16());
+    response
+}
+
+/// The request's `Origin` if it may call the API from a browser (`*` in the list allows any).
+fn allowed_origin(allowed: &[String], headers: &HeaderMap) -> Option<HeaderValue> {
+    let origin = headers.get(ORIGIN)?;
+    let text = origin.to_str().ok()?;
+    allowed
+        .iter()
+        .any(|allowed| allowed == "*" || allowed == text)
+        .then(|| origin.clone())
+}
+
+fn preflight(allow: &'static str) -> Response<ResponseBody> {
+    let mut response = Response::new(Either::Left(Full::new(Bytes::new())));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    let headers = response.headers_mut();
+    headers.insert(ALLOW, HeaderValue::from_static(allow));
+    headers.insert(
+        ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static(allow),
+    );
+    headers.insert(
+        ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization, content-type, last-event-id"),
+    );
+    headers.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
     response
 }
 
@@ -49,6 +94,8 @@ async fn route(
             Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
         }
         ["healthz"] => Err(ApiError::MethodNotAllowed("GET")),
+        ["metrics"] if method == Method::GET => metrics(&state),
+        ["metrics"] => Err(ApiError::MethodNotAllowed("GET")),
         ["ai", "artifact", "events", "stream"] if method == Method::GET => {
             events::stream(&state, disconnect, &request)
         }
@@ -77,6 +124,25 @@ async fn route(
     }
 }
 
+/// `GET /metrics`: counters and gauges in the Prometheus text format.
+fn metrics(state: &AppState) -> Result<Response<ResponseBody>, ApiError> {
+    let jobs = state.jobs.store().count_by_status().map_err(|error| {
+        log::error!("{error}");
+        ApiError::Internal
+    })?;
+    let jobs: Vec<(&str, usize)> = jobs
+        .iter()
+        .map(|(status, count)| (status.as_str(), *count))
+        .collect();
+    let text = state.metrics.render(state.streams.stream_count(), &jobs);
+    let mut response = Response::new(Either::Left(Full::new(Bytes::from(text))));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    Ok(response)
+}
+
 /// Reads a JSON body of at most `limit` bytes: 413 when larger, 400 when not JSON.
 pub(super) async fn read_json(request: Request<Incoming>, limit: usize) -> Result<Value, ApiError> {
     let declared_length = request
@@ -101,4 +167,34 @@ pub(super) async fn read_json(request: Request<Incoming>, limit: usize) -> Resul
     };
     serde_json::from_slice(&body)
         .map_err(|error| ApiError::BadRequest(format!("malformed JSON: {error}")))
+}
+
+/// The `key=value` pairs of a query string, values decoded (`None` if not valid
+/// percent-encoded UTF-8).
+pub(super) fn query_pairs(query: &str) -> impl Iterator<Item = (&str, Option<String>)> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (key, percent_decode(value))
+        })
+}
+
+/// Decodes `application/x-www-form-urlencoded` text: `+` is a space, `%XX` a byte.
+fn percent_decode(text: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut input = text.bytes();
+    while let Some(byte) = input.next() {
+        match byte {
+            b'+' => bytes.push(b' '),
+            b'%' => {
+                let high = (input.next()? as char).to_digit(16)?;
+                let low = (input.next()? as char).to_digit(16)?;
+                bytes.push((high * 16 + low) as u8);
+            }
+            other => bytes.push(other),
+        }
+    }
+    String::from_utf8(bytes).ok()
 }

@@ -1,18 +1,37 @@
-//! The `user_id → open streams` index that delivers each event only to its user's streams.
+//! The `user_id → open streams` index: gives each event an id, records it in the user's
+//! history, and queues it on that user's streams only.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
 
-use super::encoder;
+use super::encoder::{self, Event};
+use super::history::{History, HistoryLimits, RecordedEvent};
 use super::SseBody;
 use crate::events::{EventBus, EventType, Handler};
 use crate::log;
+use crate::metrics::Metrics;
+
+/// How streams behave; built from the server's configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamSettings {
+    /// Frames one stream may have queued before its client counts as too slow.
+    pub queue_capacity: usize,
+    /// Open streams allowed per user.
+    pub max_streams_per_user: usize,
+    /// Interval between keepalive comments.
+    pub keepalive: Duration,
+    /// The reconnection delay sent to clients in the first frame's `retry:` field.
+    pub reconnect_delay: Duration,
+    /// What is kept for `Last-Event-ID` replay.
+    pub history: HistoryLimits,
+}
 
 /// Why a stream could not be opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,19 +48,19 @@ pub enum StreamLimitError {
 /// looks the user up in a map, encodes the frame once, and hands each of that user's streams a
 /// reference-counted copy of the same bytes.
 pub struct StreamIndex {
-    /// Guards the map and the closed flag. A std `Mutex` because it is held only for a map edit
-    /// or a loop of non-blocking `try_send`s, never across an `.await`.
+    /// Guards the streams, the history and the id counter together, so that an id's order,
+    /// its place in the history and its place in every live queue agree; that is what makes a
+    /// replay followed by live events gap- and duplicate-free. A std `Mutex`: it is held for map
+    /// edits and non-blocking `try_send`s only, never across an `.await`.
     state: Mutex<IndexState>,
     next_stream_id: AtomicU64,
-    slow_consumer_disconnects: AtomicU64,
-    /// Frames a stream may have queued before its client counts as too slow.
-    queue_capacity: usize,
-    max_streams_per_user: usize,
+    settings: StreamSettings,
+    metrics: Arc<Metrics>,
 }
 
-#[derive(Default)]
 struct IndexState {
     by_user: HashMap<Arc<str>, Vec<StreamEntry>>,
+    history: History,
     /// Set at shutdown: every stream has ended and new ones are refused.
     closed: bool,
 }
@@ -55,23 +74,30 @@ struct StreamEntry {
 }
 
 impl StreamIndex {
-    /// An empty index whose streams queue at most `queue_capacity` frames each.
-    pub fn new(queue_capacity: usize, max_streams_per_user: usize) -> Arc<Self> {
+    /// An empty index; its event ids start a new epoch at the current time.
+    pub fn new(settings: StreamSettings, metrics: Arc<Metrics>) -> Arc<Self> {
+        let epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
         Arc::new(StreamIndex {
-            state: Mutex::new(IndexState::default()),
+            state: Mutex::new(IndexState {
+                by_user: HashMap::new(),
+                history: History::new(epoch, settings.history),
+                closed: false,
+            }),
             next_stream_id: AtomicU64::new(0),
-            slow_consumer_disconnects: AtomicU64::new(0),
-            queue_capacity: queue_capacity.max(1),
-            max_streams_per_user,
+            settings,
+            metrics,
         })
     }
 
     /// Subscribes the index to every event type on `bus`; returns the handler, to unsubscribe.
     pub fn attach(self: &Arc<Self>, bus: &EventBus) -> Handler {
         let index = Arc::downgrade(self);
-        let handler = Handler::new(move |event_data| {
+        let handler = Handler::with_event_type(move |event_type, event_data| {
             if let Some(index) = index.upgrade() {
-                index.deliver(&event_data);
+                index.deliver(event_type, &event_data);
             }
             std::future::ready(())
         });
@@ -79,80 +105,136 @@ impl StreamIndex {
         handler
     }
 
-    /// Opens a stream for `user_id` whose first frame is `first_frame`; `disconnect` is
-    /// notified if the client falls too far behind.
+    /// Opens a stream for `user_id`: the connected frame, then (after `last_event_id`) the
+    /// user's missed events, then live ones. `disconnect` fires if the client falls behind.
     pub fn open(
         self: &Arc<Self>,
         user_id: &str,
-        first_frame: Bytes,
-        keepalive_every: Duration,
+        last_event_id: Option<&str>,
         disconnect: Arc<Notify>,
     ) -> Result<SseBody, StreamLimitError> {
-        let (sender, receiver) = mpsc::channel(self.queue_capacity);
+        let connected = json!({"type": "connected", "user_id": user_id}).to_string();
+        let connected = encoder::encode(&Event {
+            retry: Some(self.settings.reconnect_delay.as_millis() as u64),
+            data: &connected,
+            ..Event::default()
+        })
+        .expect("a retry field and data always encode");
         let id = self.next_stream_id.fetch_add(1, Ordering::Relaxed);
         let user: Arc<str> = Arc::from(user_id);
-        {
+        let (receiver, replayed) = {
             let mut state = self.lock();
             if state.closed {
                 return Err(StreamLimitError::ShuttingDown);
             }
-            let streams = state.by_user.entry(user.clone()).or_default();
-            if streams.len() >= self.max_streams_per_user {
-                return Err(StreamLimitError::TooManyForUser(self.max_streams_per_user));
+            let open_streams = state.by_user.get(user_id).map_or(0, Vec::len);
+            if open_streams >= self.settings.max_streams_per_user {
+                return Err(StreamLimitError::TooManyForUser(
+                    self.settings.max_streams_per_user,
+                ));
             }
-            // Queued under the lock, so no event can overtake the first frame.
-            sender
-                .try_send(first_frame)
-                .expect("a new queue has room for one frame");
-            streams.push(StreamEntry {
-                id,
-                frames: sender,
-                disconnect,
-            });
+            let replay =
+                last_event_id.map(|last| state.history.since(user_id, last, Instant::now()));
+            let mut first_frames = vec![connected];
+            if let Some(replay) = &replay {
+                if !replay.complete {
+                    let notice =
+                        json!({"type": "replay_incomplete", "last_event_id": last_event_id});
+                    first_frames.push(encoder::encode_data(&notice.to_string()));
+                }
+                first_frames.extend(replay.events.iter().map(|event| event.frame.clone()));
+            }
+            // Room for the replay on top of the usual bound, so a reconnect never overflows.
+            let (sender, receiver) =
+                mpsc::channel(self.settings.queue_capacity + first_frames.len());
+            for frame in first_frames {
+                sender
+                    .try_send(frame)
+                    .expect("the queue was sized for the first frames");
+            }
+            state
+                .by_user
+                .entry(user.clone())
+                .or_default()
+                .push(StreamEntry {
+                    id,
+                    frames: sender,
+                    disconnect,
+                });
+            (
+                receiver,
+                replay.map(|replay| replay.events).unwrap_or_default(),
+            )
+        };
+        for event in &replayed {
+            self.metrics.count_replay(&event.event_type);
         }
         let registration = Registration {
             index: self.clone(),
             user,
             id,
         };
-        Ok(SseBody::new(receiver, keepalive_every, registration))
+        Ok(SseBody::new(
+            receiver,
+            self.settings.keepalive,
+            registration,
+        ))
     }
 
-    /// Queues `event_data` on every stream of its `user_id`; returns how many got it.
-    pub fn deliver(&self, event_data: &Value) -> usize {
+    /// Gives the event an id, records it for its `user_id` and queues it on every stream of
+    /// that user; returns how many streams got it. Events without a string `user_id` go nowhere.
+    pub fn deliver(&self, event_type: &EventType, event_data: &Value) -> usize {
         let Some(user_id) = event_data.get("user_id").and_then(Value::as_str) else {
+            self.metrics.count_publish(event_type, 0, 0);
             return 0;
         };
-        if !self.lock().by_user.contains_key(user_id) {
-            return 0;
-        }
-        let frame = encoder::encode_data(&event_data.to_string());
-        let mut state = self.lock();
-        let Some(streams) = state.by_user.get_mut(user_id) else {
-            return 0;
-        };
-        let mut delivered = 0;
-        streams.retain(|stream| match stream.frames.try_send(frame.clone()) {
-            Ok(()) => {
-                delivered += 1;
-                true
+        let data = event_data.to_string();
+        let (mut delivered, mut dropped) = (0, 0);
+        {
+            let mut state = self.lock();
+            let state = &mut *state;
+            let id = state.history.next_id();
+            let frame = encoder::encode(&Event {
+                id: Some(&id.to_string()),
+                data: &data,
+                ..Event::default()
+            })
+            .expect("numeric ids and data always encode");
+            let user = match state.by_user.get_key_value(user_id) {
+                Some((user, _)) => user.clone(),
+                None => Arc::from(user_id),
+            };
+            let recorded = RecordedEvent {
+                id,
+                event_type: event_type.clone(),
+                frame: frame.clone(),
+            };
+            state.history.record(&user, recorded, Instant::now());
+            if let Some(streams) = state.by_user.get_mut(user_id) {
+                streams.retain(|stream| match stream.frames.try_send(frame.clone()) {
+                    Ok(()) => {
+                        delivered += 1;
+                        true
+                    }
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        dropped += 1;
+                        self.metrics.count_slow_consumer_disconnect();
+                        log::warning!(
+                            "disconnecting a slow SSE client of user {user_id}: {} frames queued",
+                            self.settings.queue_capacity
+                        );
+                        stream.disconnect.notify_one();
+                        false
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => false,
+                });
+                if streams.is_empty() {
+                    state.by_user.remove(user_id);
+                }
             }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.slow_consumer_disconnects
-                    .fetch_add(1, Ordering::Relaxed);
-                log::warning!(
-                    "disconnecting a slow SSE client of user {user_id}: {} frames queued",
-                    self.queue_capacity
-                );
-                stream.disconnect.notify_one();
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        });
-        if streams.is_empty() {
-            state.by_user.remove(user_id);
         }
-        delivered
+        self.metrics.count_publish(event_type, delivered, dropped);
+        delivered as usize
     }
 
     /// Ends every open stream and refuses new ones (server shutdown).
@@ -167,9 +249,9 @@ impl StreamIndex {
         self.lock().by_user.values().map(Vec::len).sum()
     }
 
-    /// How many streams were closed because their client stopped reading.
-    pub fn slow_consumer_disconnects(&self) -> u64 {
-        self.slow_consumer_disconnects.load(Ordering::Relaxed)
+    /// How many events the history holds.
+    pub fn history_len(&self) -> usize {
+        self.lock().history.len()
     }
 
     fn remove(&self, user: &str, id: u64) {

@@ -253,16 +253,31 @@ impl SseClient {
 
     /// The next frame that is not a keepalive, parsed from its `data:` line as JSON.
     pub async fn next_event(&mut self) -> Value {
+        self.next_event_with_id().await.1
+    }
+
+    /// The next event that is not a keepalive: its `id:` field (if any) and its data as JSON.
+    pub async fn next_event_with_id(&mut self) -> (Option<String>, Value) {
         loop {
             let frame = self.next_frame().await.expect("stream is still open");
             if frame == ": keepalive\n\n" {
                 continue;
             }
-            let data = frame
-                .strip_prefix("data: ")
-                .and_then(|rest| rest.strip_suffix("\n\n"))
-                .unwrap_or_else(|| panic!("not a data frame: {frame:?}"));
-            return serde_json::from_str(data).unwrap();
+            let mut id = None;
+            let mut data = None;
+            for line in frame.trim_end_matches('\n').split('\n') {
+                match line.split_once(": ") {
+                    Some(("id", value)) => id = Some(value.to_owned()),
+                    Some(("data", value)) => {
+                        assert!(data.is_none(), "JSON data spans one line: {frame:?}");
+                        data = Some(value.to_owned());
+                    }
+                    Some(("retry", _)) => {}
+                    _ => panic!("unexpected line {line:?} in {frame:?}"),
+                }
+            }
+            let data = data.unwrap_or_else(|| panic!("no data line: {frame:?}"));
+            return (id, serde_json::from_str(&data).unwrap());
         }
     }
 }

@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 use crate::config::{MAX_CONTENT_BYTES, MAX_GENERATE_BODY_BYTES};
 use crate::jobs::{ArtifactType, CancelOutcome, Job, JobFilter, JobStatus, StoreError};
 use crate::log;
-use crate::server::router::read_json;
+use crate::server::router::{query_pairs, read_json};
 use crate::server::{json_response, ApiError, AppState, ResponseBody};
 
 /// The fields a generate request may have.
@@ -200,10 +200,9 @@ fn parse_job_filter(query: &str) -> Result<JobFilter, ApiError> {
         limit: DEFAULT_LIST_LIMIT,
         ..JobFilter::default()
     };
-    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let value = percent_decode(value)
-            .ok_or_else(|| invalid(format!("`{key}` is not valid percent-encoded UTF-8")))?;
+    for (key, value) in query_pairs(query) {
+        let value =
+            value.ok_or_else(|| invalid(format!("`{key}` is not valid percent-encoded UTF-8")))?;
         if value.is_empty() {
             continue;
         }
@@ -229,24 +228,6 @@ fn parse_job_filter(query: &str) -> Result<JobFilter, ApiError> {
         }
     }
     Ok(filter)
-}
-
-/// Decodes `application/x-www-form-urlencoded` text: `+` is a space, `%XX` a byte.
-fn percent_decode(text: &str) -> Option<String> {
-    let mut bytes = Vec::with_capacity(text.len());
-    let mut input = text.bytes();
-    while let Some(byte) = input.next() {
-        match byte {
-            b'+' => bytes.push(b' '),
-            b'%' => {
-                let high = (input.next()? as char).to_digit(16)?;
-                let low = (input.next()? as char).to_digit(16)?;
-                bytes.push((high * 16 + low) as u8);
-            }
-            other => bytes.push(other),
-        }
-    }
-    String::from_utf8(bytes).ok()
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {

@@ -4,36 +4,43 @@ use std::sync::Arc;
 
 use http_body_util::Either;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, COOKIE};
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
 use crate::config::MAX_PUBLISH_BODY_BYTES;
 use crate::events::EventType;
-use crate::server::router::read_json;
+use crate::server::auth::bearer_token;
+use crate::server::router::{query_pairs, read_json};
 use crate::server::{json_response, ApiError, AppState, ResponseBody};
-use crate::sse::{encoder, StreamLimitError};
+use crate::sse::StreamLimitError;
 
+/// The header an `EventSource` sends when it reconnects.
+const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 /// Longest accepted `event_type` in a publish request.
 const MAX_EVENT_TYPE_LEN: usize = 128;
 
-/// Opens the caller's event stream: the connected frame, then every event of its user.
+/// Opens the caller's event stream: the connected frame, any events missed since
+/// `Last-Event-ID`, then every new event of its user.
 pub(in crate::server) fn stream(
     state: &AppState,
     disconnect: Arc<Notify>,
     request: &Request<Incoming>,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    let identity = state.auth.authenticate(request.headers())?;
-    let connected = json!({"type": "connected", "user_id": identity.user_id});
+    let identity = state.auth.verify(&stream_token(request)?)?;
+    let last_event_id = match request.headers().get(LAST_EVENT_ID) {
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| ApiError::BadRequest("Last-Event-ID is not visible ASCII".to_owned()))?
+                .to_owned(),
+        ),
+        None => query_param(request, "last_event_id")?,
+    };
     let body = state
         .streams
-        .open(
-            &identity.user_id,
-            encoder::encode_data(&connected.to_string()),
-            state.config.keepalive,
-            disconnect,
-        )
+        .open(&identity.user_id, last_event_id.as_deref(), disconnect)
         .map_err(|error| match error {
             StreamLimitError::TooManyForUser(max) => ApiError::TooManyStreams(max),
             StreamLimitError::ShuttingDown => ApiError::Unavailable("server is shutting down"),
@@ -45,6 +52,41 @@ pub(in crate::server) fn stream(
     // Tells nginx-style proxies not to buffer the stream.
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)
+}
+
+/// The stream's token: the `Authorization: Bearer` header, else (for `EventSource`, which
+/// cannot send headers) the `access_token` query parameter, else the `access_token` cookie.
+fn stream_token(request: &Request<Incoming>) -> Result<String, ApiError> {
+    if request.headers().contains_key(AUTHORIZATION) {
+        return bearer_token(request.headers()).map(str::to_owned);
+    }
+    if let Some(token) = query_param(request, "access_token")? {
+        return Ok(token);
+    }
+    let cookie = request
+        .headers()
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .find_map(|pair| pair.trim().strip_prefix("access_token="));
+    match cookie {
+        Some(token) if !token.is_empty() => Ok(token.to_owned()),
+        _ => Err(ApiError::Unauthorized("missing bearer token")),
+    }
+}
+
+fn query_param(request: &Request<Incoming>, name: &str) -> Result<Option<String>, ApiError> {
+    for (key, value) in query_pairs(request.uri().query().unwrap_or("")) {
+        if key == name {
+            return value.map(Some).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "query parameter `{name}` is not valid percent-encoding"
+                ))
+            });
+        }
+    }
+    Ok(None)
 }
 
 /// Publishes `{"event_type", "event_data"}` on the bus, for callers with the publisher role.

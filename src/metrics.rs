@@ -1,0 +1,184 @@
+//! Counters for `GET /metrics`, rendered in the Prometheus text format.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use crate::events::EventType;
+
+/// Distinct event types counted by name; further ones are counted as `other`, so a publisher
+/// inventing types cannot grow the metrics without bound.
+pub const MAX_EVENT_TYPES_TRACKED: usize = 64;
+
+/// Process-wide counters; cheap to update from the publish path.
+#[derive(Default)]
+pub struct Metrics {
+    /// Guards the per-type counters. A std `Mutex`: each update is a map lookup and an add.
+    events: Mutex<BTreeMap<String, EventCounts>>,
+    slow_consumer_disconnects: AtomicU64,
+    /// Responses by status class, 1xx to 5xx.
+    responses: [AtomicU64; 5],
+}
+
+/// What happened to the events of one type.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventCounts {
+    /// Events published.
+    pub published: u64,
+    /// Frames queued to live streams.
+    pub delivered: u64,
+    /// Frames sent again to clients reconnecting with `Last-Event-ID`.
+    pub replayed: u64,
+    /// Frames not queued because the stream's client had fallen behind.
+    pub dropped: u64,
+}
+
+impl Metrics {
+    /// Adds one published event of `event_type` and what became of it.
+    pub fn count_publish(&self, event_type: &EventType, delivered: u64, dropped: u64) {
+        self.update(event_type, |counts| {
+            counts.published += 1;
+            counts.delivered += delivered;
+            counts.dropped += dropped;
+        });
+    }
+
+    /// Adds one replayed frame of `event_type`.
+    pub fn count_replay(&self, event_type: &EventType) {
+        self.update(event_type, |counts| counts.replayed += 1);
+    }
+
+    /// Adds one stream closed because its client stopped reading.
+    pub fn count_slow_consumer_disconnect(&self) {
+        self.slow_consumer_disconnects
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds one HTTP response with `status`.
+    pub fn count_response(&self, status: u16) {
+        if let Some(class) = self
+            .responses
+            .get(usize::from(status / 100).wrapping_sub(1))
+        {
+            class.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Streams closed so far because their clients stopped reading.
+    pub fn slow_consumer_disconnects(&self) -> u64 {
+        self.slow_consumer_disconnects.load(Ordering::Relaxed)
+    }
+
+    /// The counts of one event type (or `other`).
+    pub fn event_counts(&self, event_type: &str) -> EventCounts {
+        self.lock().get(event_type).copied().unwrap_or_default()
+    }
+
+    /// The Prometheus text exposition, with the gauges the caller read just now.
+    pub fn render(&self, open_streams: usize, jobs_by_status: &[(&str, usize)]) -> String {
+        let mut out = String::new();
+        gauge(
+            &mut out,
+            "artifact_events_open_streams",
+            "Open SSE streams.",
+            open_streams,
+        );
+        let events = self.lock().clone();
+        for (metric, help, field) in [
+            (
+                "published",
+                "Events published, by type.",
+                (|c: &EventCounts| c.published) as fn(&EventCounts) -> u64,
+            ),
+            (
+                "delivered",
+                "Frames queued to live streams, by type.",
+                |c| c.delivered,
+            ),
+            (
+                "replayed",
+                "Frames replayed after Last-Event-ID, by type.",
+                |c| c.replayed,
+            ),
+            (
+                "dropped",
+                "Frames dropped for clients that fell behind, by type.",
+                |c| c.dropped,
+            ),
+        ] {
+            let name = format!("artifact_events_events_{metric}_total");
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (event_type, counts) in &events {
+                let _ = writeln!(
+                    out,
+                    "{name}{{type=\"{}\"}} {}",
+                    escape_label(event_type),
+                    field(counts)
+                );
+            }
+        }
+        let name = "artifact_events_slow_consumer_disconnects_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Streams closed because their client stopped reading.\n# TYPE {name} counter\n{name} {}",
+            self.slow_consumer_disconnects()
+        );
+        let name = "artifact_events_jobs";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Stored jobs, by status.\n# TYPE {name} gauge"
+        );
+        for (status, count) in jobs_by_status {
+            let _ = writeln!(out, "{name}{{status=\"{status}\"}} {count}");
+        }
+        let name = "artifact_events_http_responses_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} HTTP responses, by status class.\n# TYPE {name} counter"
+        );
+        for (class, count) in self.responses.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}{{class=\"{}xx\"}} {}",
+                class + 1,
+                count.load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
+
+    fn update(&self, event_type: &EventType, change: impl FnOnce(&mut EventCounts)) {
+        let mut events = self.lock();
+        let name = match events.contains_key(event_type.as_str())
+            || events.len() < MAX_EVENT_TYPES_TRACKED
+        {
+            true => event_type.as_str(),
+            false => "other",
+        };
+        match events.get_mut(name) {
+            Some(counts) => change(counts),
+            None => change(events.entry(name.to_owned()).or_default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, EventCounts>> {
+        // Counters are plain numbers: a poisoned map is still usable.
+        self.events.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, value: usize) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+    );
+}
+
+/// Escapes a label value as the text format requires (backslash, quote, newline).
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

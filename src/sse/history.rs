@@ -1,0 +1,228 @@
+//! Event ids and the bounded per-user history that `Last-Event-ID` replays from.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::events::EventType;
+
+/// An event's id: the server's start time in ms (the epoch) and a sequence number after it.
+///
+/// Ids increase for the server's lifetime, and a restarted server has a later epoch, so an id
+/// is never reused. The text form `<epoch>-<seq>` is what clients send back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EventId {
+    /// Milliseconds since the Unix epoch when the issuing server started.
+    pub epoch: u64,
+    /// Position in that server's publish order, from 1.
+    pub seq: u64,
+}
+
+impl EventId {
+    /// Parses `<epoch>-<seq>`; anything else is `None`.
+    pub fn parse(text: &str) -> Option<EventId> {
+        let (epoch, seq) = text.split_once('-')?;
+        let digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+        if !digits(epoch) || !digits(seq) {
+            return None;
+        }
+        Some(EventId {
+            epoch: epoch.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.epoch, self.seq)
+    }
+}
+
+/// How much history is kept; the oldest events go first when any bound is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// Events kept per user.
+    pub events_per_user: usize,
+    /// Age after which an event is forgotten.
+    pub max_age: Duration,
+    /// Events kept over all users.
+    pub total_events: usize,
+    /// Encoded bytes kept over all users.
+    pub total_bytes: usize,
+}
+
+/// One recorded event, already encoded as its SSE frame.
+#[derive(Clone, Debug)]
+pub struct RecordedEvent {
+    /// Its id.
+    pub id: EventId,
+    /// The type it was published as (for metrics).
+    pub event_type: EventType,
+    /// The frame, `id: …\ndata: …\n\n`, shared with the live streams.
+    pub frame: Bytes,
+}
+
+/// What a reconnecting client gets.
+#[derive(Debug, Default)]
+pub struct Replay {
+    /// False when events after the client's id may have been forgotten (or the id is not ours).
+    pub complete: bool,
+    /// The user's retained events after the client's id, oldest first.
+    pub events: Vec<RecordedEvent>,
+}
+
+/// Per-user history of recent events, bounded by [`HistoryLimits`].
+pub struct History {
+    epoch: u64,
+    last_seq: u64,
+    limits: HistoryLimits,
+    users: HashMap<Arc<str>, UserHistory>,
+    /// Every retained event, oldest first, for global eviction by age, count and bytes.
+    order: VecDeque<OrderEntry>,
+    total_bytes: usize,
+    /// The newest seq forgotten for users whose whole history has gone since.
+    forgotten_through: u64,
+}
+
+struct UserHistory {
+    events: VecDeque<RecordedEvent>,
+    /// The newest seq of this user that was forgotten.
+    evicted_through: u64,
+}
+
+struct OrderEntry {
+    user: Arc<str>,
+    seq: u64,
+    recorded_at: Instant,
+}
+
+impl History {
+    /// An empty history whose ids carry `epoch`.
+    pub fn new(epoch: u64, limits: HistoryLimits) -> Self {
+        History {
+            epoch,
+            last_seq: 0,
+            limits,
+            users: HashMap::new(),
+            order: VecDeque::new(),
+            total_bytes: 0,
+            forgotten_through: 0,
+        }
+    }
+
+    /// The id the next event will get.
+    pub fn next_id(&self) -> EventId {
+        EventId {
+            epoch: self.epoch,
+            seq: self.last_seq + 1,
+        }
+    }
+
+    /// Records `event` (whose id must be [`History::next_id`]) for `user`, then evicts what the
+    /// limits no longer allow.
+    pub fn record(&mut self, user: &Arc<str>, event: RecordedEvent, now: Instant) {
+        debug_assert_eq!(event.id, self.next_id());
+        self.last_seq = event.id.seq;
+        self.total_bytes += event.frame.len();
+        self.order.push_back(OrderEntry {
+            user: user.clone(),
+            seq: event.id.seq,
+            recorded_at: now,
+        });
+        // A user whose history was wholly forgotten may have lost events: start from the
+        // global watermark, so a replay from before it is reported incomplete.
+        let forgotten_through = self.forgotten_through;
+        let history = self
+            .users
+            .entry(user.clone())
+            .or_insert_with(|| UserHistory {
+                events: VecDeque::new(),
+                evicted_through: forgotten_through,
+            });
+        history.events.push_back(event);
+        if history.events.len() > self.limits.events_per_user {
+            if let Some(oldest) = history.events.pop_front() {
+                history.evicted_through = oldest.id.seq;
+                self.total_bytes -= oldest.frame.len();
+            }
+        }
+        self.evict(now);
+    }
+
+    /// The user's events after `last_event_id`, and whether that is everything after it.
+    pub fn since(&mut self, user: &str, last_event_id: &str, now: Instant) -> Replay {
+        self.evict(now);
+        let Some(last) = EventId::parse(last_event_id) else {
+            return Replay::default();
+        };
+        if last.epoch != self.epoch || last.seq > self.last_seq {
+            return Replay::default();
+        }
+        let Some(history) = self.users.get(user) else {
+            return Replay {
+                complete: last.seq >= self.forgotten_through,
+                events: Vec::new(),
+            };
+        };
+        Replay {
+            complete: last.seq >= history.evicted_through,
+            events: history
+                .events
+                .iter()
+                .filter(|event| event.id.seq > last.seq)
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Events retained over all users.
+    pub fn len(&self) -> usize {
+        self.users
+            .values()
+            .map(|history| history.events.len())
+            .sum()
+    }
+
+    fn evict(&mut self, now: Instant) {
+        let cutoff = now.checked_sub(self.limits.max_age);
+        while let Some(oldest) = self.order.front() {
+            let expired = cutoff.is_some_and(|cutoff| oldest.recorded_at < cutoff);
+            let over = self.order.len() > self.limits.total_events
+                || self.total_bytes > self.limits.total_bytes;
+            if !expired && !over {
+                break;
+            }
+            let Some(entry) = self.order.pop_front() else {
+                break;
+            };
+            self.forget(&entry.user, entry.seq);
+        }
+    }
+
+    /// Forgets the user's event `seq` if it is still retained (the per-user bound may have
+    /// dropped it already).
+    fn forget(&mut self, user: &Arc<str>, seq: u64) {
+        let Some(history) = self.users.get_mut(user) else {
+            return;
+        };
+        if history
+            .events
+            .front()
+            .is_some_and(|event| event.id.seq == seq)
+        {
+            if let Some(event) = history.events.pop_front() {
+                self.total_bytes -= event.frame.len();
+                history.evicted_through = seq;
+            }
+        }
+        if history.events.is_empty() {
+            self.forgotten_through = self.forgotten_through.max(history.evicted_through);
+            self.users.remove(user);
+        }
+    }
+}
