@@ -309,3 +309,18 @@ fn invalid(variable: &'static str, problem: impl fmt::Display) -> ConfigError {
         problem: problem.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_never_exceed_the_open_file_limit() {
+        let files = open_file_limit().expect("Linux reports an open-file limit");
+        let mut config = Config::with_secret("s");
+        config.max_connections = files * 2;
+        assert_eq!(config.connection_limit(), files - RESERVED_FILE_DESCRIPTORS);
+        config.max_connections = 10;
+        assert_eq!(config.connection_limit(), 10);
+    }
+}

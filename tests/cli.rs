@@ -53,6 +53,12 @@ fn help_lists_every_flag_and_environment_variable() {
         "JWT_ALGORITHM",
         "SSE_KEEPALIVE_SECS",
         "SSE_QUEUE_CAPACITY",
+        "SSE_RETRY_MS",
+        "SSE_HISTORY_EVENTS",
+        "SSE_HISTORY_SECS",
+        "SSE_HISTORY_TOTAL_EVENTS",
+        "SSE_HISTORY_MAX_BYTES",
+        "CORS_ALLOW_ORIGINS",
         "MAX_STREAMS_PER_USER",
         "MAX_CONNECTIONS",
         "HEADER_READ_TIMEOUT_SECS",
@@ -78,53 +84,115 @@ fn invalid_configuration_is_reported_not_ignored() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("SSE_KEEPALIVE_SECS"));
 }
 
-#[tokio::test]
-async fn sigterm_ends_streams_and_exits_zero() {
-    let mut child = Command::new(BINARY)
-        .env("ADDR", "127.0.0.1:0")
-        .env("JWT_SECRET", SECRET)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let addr = loop {
-        let mut line = String::new();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "server exited before listening"
-        );
-        if let Some(addr) = line.trim().split("listening on http://").nth(1) {
-            break addr.parse().unwrap();
-        }
-    };
-    let token = Authenticator::new(SECRET.as_bytes(), Algorithm::HS256).issue(
-        "alice",
+/// The server binary on an ephemeral port, with its stderr collected line by line.
+struct RunningServer {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    log: std::sync::mpsc::Receiver<String>,
+}
+
+impl RunningServer {
+    fn start(env: &[(&str, &str)]) -> RunningServer {
+        let mut child = Command::new(BINARY)
+            .env("ADDR", "127.0.0.1:0")
+            .env("JWT_SECRET", SECRET)
+            .envs(env.iter().copied())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let addr = loop {
+            let mut line = String::new();
+            assert!(
+                stderr.read_line(&mut line).unwrap() > 0,
+                "server exited before listening"
+            );
+            if let Some(addr) = line.trim().split("listening on http://").nth(1) {
+                break addr.parse().unwrap();
+            }
+        };
+        let (sender, log) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = sender.send(line);
+            }
+        });
+        RunningServer { child, addr, log }
+    }
+
+    /// Sends SIGTERM and waits (at most 5 s) for the exit; returns the status and the log.
+    fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let started = Instant::now();
+        let exit = loop {
+            if let Some(exit) = self.child.try_wait().unwrap() {
+                break exit;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "server did not exit within 5 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        (exit, self.log.try_iter().collect::<Vec<_>>().join("\n"))
+    }
+}
+
+fn token(user_id: &str) -> String {
+    Authenticator::new(SECRET.as_bytes(), Algorithm::HS256).issue(
+        user_id,
         false,
         Duration::from_secs(60),
-    );
-    let mut client = SseClient::connect(addr, &token).await;
+    )
+}
+
+#[tokio::test]
+async fn sigterm_ends_streams_and_exits_zero() {
+    let server = RunningServer::start(&[]);
+    let mut client = SseClient::connect(server.addr, &token("alice")).await;
     client.next_frame().await;
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let (exit, log) = server.terminate();
     assert_eq!(
         client.next_frame().await,
         None,
         "the stream did not end cleanly"
     );
-    let started = Instant::now();
-    let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "server did not exit within 5 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
     assert!(exit.success(), "{exit:?}");
+    assert!(
+        log.contains("shutting down: ending 1 open streams"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn access_tokens_in_urls_never_reach_the_log() {
+    let server = RunningServer::start(&[("LOG_LEVEL", "debug")]);
+    let token = token("alice");
+    let path = format!("/ai/artifact/events/stream?access_token={token}");
+    let request = common::request("GET", &path, None, "");
+    let mut client = SseClient::from_response(common::open(server.addr, request).await);
+    assert!(client.next_frame().await.unwrap().contains("alice"));
+    let rejected = common::request(
+        "GET",
+        "/ai/artifact/events/stream?access_token=secret.bad.token",
+        None,
+        "",
+    );
+    assert_eq!(common::send(server.addr, rejected).await.status, 401);
+
+    let (_, log) = server.terminate();
+    assert!(
+        log.contains("GET /ai/artifact/events/stream -> 200"),
+        "debug request lines are logged: {log}"
+    );
+    assert!(
+        !log.contains(&token) && !log.contains("secret.bad.token"),
+        "{log}"
+    );
 }

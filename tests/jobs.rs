@@ -276,8 +276,8 @@ async fn the_store_holds_the_final_status_before_the_event_is_published() {
     server.stop().await;
 }
 
-/// Misbehaves on request: content starting `panic:`, `hang:`, `error:` or `flaky:` (fails its
-/// first attempt only); anything else goes to the offline generator.
+/// Misbehaves on request: content starting `panic:`, `hang:`, `error:`, `slow:` (takes 300 ms)
+/// or `flaky:` (fails its first attempt only); the rest goes to the offline generator.
 #[derive(Default)]
 struct ScriptedGenerator {
     flaky_attempts: AtomicUsize,
@@ -295,6 +295,9 @@ impl ArtifactGenerator for ScriptedGenerator {
             }
             if content.starts_with("hang:") {
                 std::future::pending::<()>().await;
+            }
+            if content.starts_with("slow:") {
+                tokio::time::sleep(Duration::from_millis(300)).await;
             }
             if content.starts_with("error:") {
                 return Err(GenerationError("scripted upstream outage".to_owned()));
@@ -757,4 +760,40 @@ async fn a_burst_of_200_jobs_across_20_users_ends_each_in_one_terminal_event_to_
     }
     assert_eq!(ended.len(), USERS * JOBS_PER_USER);
     server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_the_running_job_finish_and_leaves_queued_ones_queued() {
+    let server =
+        TestServer::start_with_generator(scripted_config(), Arc::new(ScriptedGenerator::default()))
+            .await;
+    let token = server.token("alice");
+    let mut client = SseClient::connect(server.addr, &token).await;
+    client.next_frame().await;
+    let running = submit(
+        &server,
+        &token,
+        generate_body("summary", &format!("slow:{PHOTOSYNTHESIS}"), json!({})),
+    )
+    .await;
+    assert_eq!(client.next_event().await["job_id"], running.as_str());
+    let queued = submit(
+        &server,
+        &token,
+        generate_body("summary", PHOTOSYNTHESIS, json!({})),
+    )
+    .await;
+    let state = server.state.clone();
+
+    server.stop().await;
+    let store = state.jobs.store();
+    assert_eq!(
+        store.get(&running).unwrap().unwrap().status,
+        JobStatus::Completed
+    );
+    assert_eq!(
+        store.get(&queued).unwrap().unwrap().status,
+        JobStatus::Queued
+    );
+    assert_eq!(store.queued_ids().unwrap(), [queued]);
 }

@@ -14,10 +14,11 @@ use crate::log;
 use crate::panic::{catch_unwind, panic_message, CatchUnwind};
 
 type HandlerFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+type HandlerFn = dyn Fn(&EventType, Arc<Value>) -> HandlerFuture + Send + Sync;
 
 /// An async function of the event data; clones are the same handler for `unsubscribe`.
 #[derive(Clone)]
-pub struct Handler(Arc<dyn Fn(&EventType, Arc<Value>) -> HandlerFuture + Send + Sync>);
+pub struct Handler(Arc<HandlerFn>);
 
 impl Handler {
     /// Wraps an async function or closure taking the shared event data.

@@ -226,3 +226,170 @@ impl History {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EPOCH: u64 = 1_700_000_000_000;
+
+    fn limits() -> HistoryLimits {
+        HistoryLimits {
+            events_per_user: 3,
+            max_age: Duration::from_secs(60),
+            total_events: 100,
+            total_bytes: 1 << 20,
+        }
+    }
+
+    /// Records one event for `user` with a frame naming its seq; returns its id.
+    fn record(history: &mut History, user: &str, now: Instant) -> EventId {
+        let id = history.next_id();
+        let event = RecordedEvent {
+            id,
+            event_type: EventType::COMPLETED,
+            frame: Bytes::from(format!("id: {id}\ndata: {{}}\n\n")),
+        };
+        history.record(&Arc::from(user), event, now);
+        id
+    }
+
+    fn seqs(replay: &Replay) -> Vec<u64> {
+        replay.events.iter().map(|event| event.id.seq).collect()
+    }
+
+    #[test]
+    fn ids_print_and_parse_as_epoch_dash_seq() {
+        let id = EventId {
+            epoch: EPOCH,
+            seq: 42,
+        };
+        assert_eq!(id.to_string(), "1700000000000-42");
+        assert_eq!(EventId::parse("1700000000000-42"), Some(id));
+        for bad in [
+            "",
+            "-",
+            "1-",
+            "-1",
+            "1-2-3",
+            "a-1",
+            "1-a",
+            "+1-2",
+            "1 -2",
+            "99999999999999999999-1",
+        ] {
+            assert_eq!(EventId::parse(bad), None, "{bad:?}");
+        }
+        assert!(EventId { epoch: 1, seq: 9 } < EventId { epoch: 2, seq: 1 });
+    }
+
+    #[test]
+    fn replay_returns_the_users_events_after_the_id_in_order() {
+        let now = Instant::now();
+        let mut history = History::new(EPOCH, limits());
+        let first = record(&mut history, "alice", now);
+        record(&mut history, "bob", now);
+        let third = record(&mut history, "alice", now);
+        let fourth = record(&mut history, "alice", now);
+
+        let replay = history.since("alice", &first.to_string(), now);
+        assert!(replay.complete);
+        assert_eq!(seqs(&replay), [third.seq, fourth.seq]);
+        let replay = history.since("alice", &fourth.to_string(), now);
+        assert!(replay.complete && replay.events.is_empty());
+        // An id seen by another user still positions the replay correctly.
+        let replay = history.since("bob", &first.to_string(), now);
+        assert_eq!(seqs(&replay), [2]);
+    }
+
+    #[test]
+    fn an_id_older_than_the_users_history_is_incomplete() {
+        let now = Instant::now();
+        let mut history = History::new(EPOCH, limits());
+        let ids: Vec<EventId> = (0..5).map(|_| record(&mut history, "alice", now)).collect();
+        // Three are kept per user: events 1 and 2 are gone.
+        let replay = history.since("alice", &ids[0].to_string(), now);
+        assert!(!replay.complete);
+        assert_eq!(seqs(&replay), [3, 4, 5]);
+        let replay = history.since("alice", &ids[1].to_string(), now);
+        assert!(
+            replay.complete,
+            "event 2 was the last one forgotten and the client has it"
+        );
+        assert_eq!(history.len(), 3);
+    }
+
+    #[test]
+    fn ids_from_another_epoch_the_future_or_garbage_are_incomplete() {
+        let now = Instant::now();
+        let mut history = History::new(EPOCH, limits());
+        record(&mut history, "alice", now);
+        for id in [
+            format!("{}-1", EPOCH - 1),
+            format!("{EPOCH}-2"),
+            "garbage".to_owned(),
+        ] {
+            let replay = history.since("alice", &id, now);
+            assert!(!replay.complete && replay.events.is_empty(), "{id}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_older_than_max_age_are_forgotten() {
+        let mut history = History::new(EPOCH, limits());
+        let start = Instant::now();
+        let old = record(&mut history, "alice", start);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let recent = record(&mut history, "alice", Instant::now());
+        tokio::time::advance(Duration::from_secs(31)).await;
+
+        let replay = history.since("alice", &format!("{EPOCH}-0"), Instant::now());
+        assert!(!replay.complete, "the first event expired");
+        assert_eq!(seqs(&replay), [recent.seq]);
+        let replay = history.since("alice", &old.to_string(), Instant::now());
+        assert!(replay.complete);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let replay = history.since("alice", &recent.to_string(), Instant::now());
+        assert!(replay.complete && replay.events.is_empty());
+        assert_eq!(history.len(), 0);
+    }
+
+    #[test]
+    fn global_bounds_evict_the_oldest_events_of_any_user() {
+        let now = Instant::now();
+        let frame_len = format!("id: {EPOCH}-1\ndata: {{}}\n\n").len();
+        let mut history = History::new(
+            EPOCH,
+            HistoryLimits {
+                total_events: 4,
+                total_bytes: 1 << 20,
+                ..limits()
+            },
+        );
+        for user in ["a", "b", "c", "d", "e"] {
+            record(&mut history, user, now);
+        }
+        assert_eq!(history.len(), 4);
+        let replay = history.since("a", &format!("{EPOCH}-0"), now);
+        assert!(
+            !replay.complete && replay.events.is_empty(),
+            "a's only event was evicted"
+        );
+        // A user first seen after an eviction cannot claim a complete replay from before it.
+        record(&mut history, "f", now);
+        assert!(!history.since("f", &format!("{EPOCH}-0"), now).complete);
+        assert!(history.since("f", &format!("{EPOCH}-2"), now).complete);
+
+        let mut by_bytes = History::new(
+            EPOCH,
+            HistoryLimits {
+                total_bytes: 2 * frame_len,
+                ..limits()
+            },
+        );
+        for _ in 0..3 {
+            record(&mut by_bytes, "a", now);
+        }
+        assert_eq!(by_bytes.len(), 2);
+    }
+}

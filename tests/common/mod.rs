@@ -194,16 +194,12 @@ pub struct SseClient {
 
 impl SseClient {
     pub async fn connect(addr: SocketAddr, token: &str) -> SseClient {
-        let response = open(
-            addr,
-            request(
-                "GET",
-                "/ai/artifact/events/stream",
-                Some(token),
-                Bytes::new(),
-            ),
-        )
-        .await;
+        let path = "/ai/artifact/events/stream";
+        Self::from_response(open(addr, request("GET", path, Some(token), Bytes::new())).await)
+    }
+
+    /// Wraps a response whose body is (or may be) an event stream.
+    pub fn from_response(response: hyper::Response<Incoming>) -> SseClient {
         let (parts, body) = response.into_parts();
         SseClient {
             status: parts.status,
