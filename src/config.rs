@@ -33,8 +33,8 @@ pub const DEFAULT_HISTORY_EVENTS_PER_USER: usize = 1000;
 pub const DEFAULT_HISTORY_SECS: u64 = 600;
 /// Events kept for replay over all users; the oldest go first.
 pub const DEFAULT_HISTORY_TOTAL_EVENTS: usize = 262_144;
-/// Encoded bytes kept for replay over all users; the oldest go first.
-pub const DEFAULT_HISTORY_TOTAL_BYTES: usize = 64 * 1024 * 1024;
+/// Memory kept for replay over all users (frames plus per-event overhead); the oldest go first.
+pub const DEFAULT_HISTORY_TOTAL_BYTES: usize = 32 * 1024 * 1024;
 /// File descriptors kept free for the listener, logs and the store when capping connections
 /// to the process's open-file limit.
 const RESERVED_FILE_DESCRIPTORS: usize = 64;

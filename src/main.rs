@@ -31,7 +31,7 @@ ENVIRONMENT:
     SSE_HISTORY_EVENTS         events kept per user for Last-Event-ID replay [1000]
     SSE_HISTORY_SECS           seconds an event stays replayable     [600]
     SSE_HISTORY_TOTAL_EVENTS   events kept for replay, all users     [262144]
-    SSE_HISTORY_MAX_BYTES      bytes kept for replay, all users      [67108864]
+    SSE_HISTORY_MAX_BYTES      memory kept for replay, all users     [33554432]
     CORS_ALLOW_ORIGINS         comma list of browser origins (* = any) [none]
     MAX_STREAMS_PER_USER       open streams per user (429 beyond)    [32]
     MAX_CONNECTIONS            open connections (503 beyond; capped by the open-file limit) [10000]

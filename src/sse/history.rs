@@ -43,6 +43,11 @@ impl fmt::Display for EventId {
     }
 }
 
+/// Memory an event costs beyond its frame bytes: its entries in the user's deque and in the
+/// global order, the `Bytes` header and allocation, and map overhead. Counted against
+/// `total_bytes`, so the bound holds for small frames too.
+const ENTRY_OVERHEAD_BYTES: usize = 160;
+
 /// How much history is kept; the oldest events go first when any bound is reached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HistoryLimits {
@@ -52,7 +57,7 @@ pub struct HistoryLimits {
     pub max_age: Duration,
     /// Events kept over all users.
     pub total_events: usize,
-    /// Encoded bytes kept over all users.
+    /// Memory kept over all users: frame bytes plus a fixed overhead per event.
     pub total_bytes: usize,
 }
 
@@ -128,7 +133,7 @@ impl History {
     pub fn record(&mut self, user: &Arc<str>, event: RecordedEvent, now: Instant) {
         debug_assert_eq!(event.id, self.next_id());
         self.last_seq = event.id.seq;
-        self.total_bytes += event.frame.len();
+        self.total_bytes += retained_size(&event);
         self.order.push_back(OrderEntry {
             user: user.clone(),
             seq: event.id.seq,
@@ -148,7 +153,7 @@ impl History {
         if history.events.len() > self.limits.events_per_user {
             if let Some(oldest) = history.events.pop_front() {
                 history.evicted_through = oldest.id.seq;
-                self.total_bytes -= oldest.frame.len();
+                self.total_bytes -= retained_size(&oldest);
             }
         }
         self.evict(now);
@@ -216,7 +221,7 @@ impl History {
             .is_some_and(|event| event.id.seq == seq)
         {
             if let Some(event) = history.events.pop_front() {
-                self.total_bytes -= event.frame.len();
+                self.total_bytes -= retained_size(&event);
                 history.evicted_through = seq;
             }
         }
@@ -225,6 +230,10 @@ impl History {
             self.users.remove(user);
         }
     }
+}
+
+fn retained_size(event: &RecordedEvent) -> usize {
+    event.frame.len() + ENTRY_OVERHEAD_BYTES
 }
 
 #[cfg(test)]
@@ -357,7 +366,7 @@ mod tests {
     #[test]
     fn global_bounds_evict_the_oldest_events_of_any_user() {
         let now = Instant::now();
-        let frame_len = format!("id: {EPOCH}-1\ndata: {{}}\n\n").len();
+        let event_size = format!("id: {EPOCH}-1\ndata: {{}}\n\n").len() + ENTRY_OVERHEAD_BYTES;
         let mut history = History::new(
             EPOCH,
             HistoryLimits {
@@ -383,7 +392,7 @@ mod tests {
         let mut by_bytes = History::new(
             EPOCH,
             HistoryLimits {
-                total_bytes: 2 * frame_len,
+                total_bytes: 2 * event_size,
                 ..limits()
             },
         );
