@@ -101,6 +101,7 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         .max_buf_size(MAX_HEADER_BYTES);
     let graceful = GracefulShutdown::new();
     let workers = state.jobs.start();
+    let keepalives = tokio::spawn(send_keepalives(Arc::downgrade(&state.streams)));
     let connection_limit = state.config.connection_limit();
     if connection_limit < state.config.max_connections {
         log::warning!(
@@ -136,12 +137,14 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
             service_fn(move |request| {
                 let state = state.clone();
                 let disconnect = disconnect.clone();
-                async move {
+                // Boxed: the request's future lives only until its response head is ready, so
+                // a long-lived stream's connection does not keep room for it.
+                Box::pin(async move {
                     Ok::<_, Infallible>(match at_capacity {
                         true => over_capacity_response(),
                         false => handle(state, disconnect, request).await,
                     })
-                }
+                })
             })
         };
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
@@ -160,6 +163,7 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         "shutting down: ending {} open streams",
         state.streams.stream_count()
     );
+    keepalives.abort();
     state.streams.close_all();
     state.jobs.stop();
     let grace = state.config.shutdown_grace;
@@ -182,6 +186,26 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         Err(error) => log::error!("cannot list queued jobs: {error}"),
     }
     log::info!("stopped");
+}
+
+/// Every keepalive interval, queues a keepalive on every stream, until the index is gone.
+async fn send_keepalives(streams: std::sync::Weak<StreamIndex>) {
+    let Some(period) = streams
+        .upgrade()
+        .map(|streams| streams.keepalive_interval())
+    else {
+        return;
+    };
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    // After a stall, one keepalive is enough; a burst of them would be noise.
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        match streams.upgrade() {
+            Some(streams) => streams.send_keepalives(),
+            None => return,
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM, the two ways a server is asked to stop.

@@ -1,39 +1,87 @@
-//! One client's SSE response body: frames from its bounded queue, plus periodic keepalives.
+//! One client's SSE response body, and the bounded frame queue that feeds it.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame};
-use tokio::sync::mpsc;
-use tokio::time::{Instant, Interval, MissedTickBehavior};
 
-use super::encoder::KEEPALIVE;
 use super::stream_index::Registration;
 
-/// A chunked response body that ends when the index drops the stream's sender.
+/// The queue was full: the client is not reading fast enough.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct QueueFull;
+
+/// A bounded queue of encoded frames between the index (which pushes) and one stream's body
+/// (which pops). Small on purpose: an idle stream holds only a few pointers and a short deque,
+/// which is what keeps memory per idle stream low.
+pub(super) struct FrameQueue {
+    /// Guards the frames and the body's waker. A std `Mutex`: push and pop are O(1) and it is
+    /// never held across an `.await`.
+    state: Mutex<QueueState>,
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct QueueState {
+    frames: VecDeque<Bytes>,
+    /// The body's task, woken when a frame arrives or the queue closes.
+    waker: Option<Waker>,
+    /// No more frames will come: the body ends once the queued ones are sent.
+    closed: bool,
+}
+
+impl FrameQueue {
+    /// A queue that holds at most `capacity` frames.
+    pub(super) fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(FrameQueue {
+            state: Mutex::new(QueueState::default()),
+            capacity,
+        })
+    }
+
+    /// Queues `frame` and wakes the body; a full queue refuses it.
+    pub(super) fn push(&self, frame: Bytes) -> Result<(), QueueFull> {
+        let mut state = self.lock();
+        if state.frames.len() >= self.capacity {
+            return Err(QueueFull);
+        }
+        state.frames.push_back(frame);
+        if let Some(waker) = state.waker.take() {
+            waker.wake();
+        }
+        Ok(())
+    }
+
+    /// Ends the stream after the frames already queued.
+    pub(super) fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        if let Some(waker) = state.waker.take() {
+            waker.wake();
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // Nothing panics while holding the lock, so the deque is consistent even if poisoned.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A chunked response body that yields its queue's frames and ends when the queue is closed.
 pub struct SseBody {
-    frames: mpsc::Receiver<Bytes>,
-    keepalive: Interval,
+    queue: Arc<FrameQueue>,
     /// Removes the stream from the index when hyper drops the body (the client went away).
     _registration: Registration,
 }
 
 impl SseBody {
-    pub(super) fn new(
-        frames: mpsc::Receiver<Bytes>,
-        keepalive_every: Duration,
-        registration: Registration,
-    ) -> Self {
-        let mut keepalive =
-            tokio::time::interval_at(Instant::now() + keepalive_every, keepalive_every);
-        // After a stall, one keepalive is enough; a burst of them would be noise.
-        keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    pub(super) fn new(queue: Arc<FrameQueue>, registration: Registration) -> Self {
         SseBody {
-            frames,
-            keepalive,
+            queue,
             _registration: registration,
         }
     }
@@ -44,17 +92,38 @@ impl Body for SseBody {
     type Error = Infallible;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        match self.frames.poll_recv(cx) {
-            Poll::Ready(Some(frame)) => return Poll::Ready(Some(Ok(Frame::data(frame)))),
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => {}
+        let mut state = self.queue.lock();
+        if let Some(frame) = state.frames.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(frame))));
         }
-        match self.keepalive.poll_tick(cx) {
-            Poll::Ready(_) => Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(KEEPALIVE))))),
-            Poll::Pending => Poll::Pending,
+        if state.closed {
+            return Poll::Ready(None);
         }
+        match &mut state.waker {
+            Some(waker) => waker.clone_from(cx.waker()),
+            none => *none = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_refuses_frames_until_one_is_taken() {
+        let queue = FrameQueue::new(2);
+        assert_eq!(queue.push(Bytes::from_static(b"a")), Ok(()));
+        assert_eq!(queue.push(Bytes::from_static(b"b")), Ok(()));
+        assert_eq!(queue.push(Bytes::from_static(b"c")), Err(QueueFull));
+        assert_eq!(
+            queue.lock().frames.pop_front(),
+            Some(Bytes::from_static(b"a"))
+        );
+        assert_eq!(queue.push(Bytes::from_static(b"c")), Ok(()));
     }
 }

@@ -8,11 +8,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::encoder::{self, Event};
+use super::encoder::{self, Event, KEEPALIVE};
 use super::history::{History, HistoryLimits, RecordedEvent};
+use super::stream::{FrameQueue, QueueFull};
 use super::SseBody;
 use crate::events::{EventBus, EventType, Handler};
 use crate::log;
@@ -67,7 +68,7 @@ struct IndexState {
 
 struct StreamEntry {
     id: u64,
-    frames: mpsc::Sender<Bytes>,
+    frames: Arc<FrameQueue>,
     /// Closes the stream's connection; dropping `frames` alone cannot end a response whose
     /// client stopped reading, because hyper no longer polls the body.
     disconnect: Arc<Notify>,
@@ -145,11 +146,10 @@ impl StreamIndex {
                 first_frames.extend(replay.events.iter().map(|event| event.frame.clone()));
             }
             // Room for the replay on top of the usual bound, so a reconnect never overflows.
-            let (sender, receiver) =
-                mpsc::channel(self.settings.queue_capacity + first_frames.len());
+            let queue = FrameQueue::new(self.settings.queue_capacity + first_frames.len());
             for frame in first_frames {
-                sender
-                    .try_send(frame)
+                queue
+                    .push(frame)
                     .expect("the queue was sized for the first frames");
             }
             state
@@ -158,11 +158,11 @@ impl StreamIndex {
                 .or_default()
                 .push(StreamEntry {
                     id,
-                    frames: sender,
+                    frames: queue.clone(),
                     disconnect,
                 });
             (
-                receiver,
+                queue,
                 replay.map(|replay| replay.events).unwrap_or_default(),
             )
         };
@@ -174,11 +174,7 @@ impl StreamIndex {
             user,
             id,
         };
-        Ok(SseBody::new(
-            receiver,
-            self.settings.keepalive,
-            registration,
-        ))
+        Ok(SseBody::new(receiver, registration))
     }
 
     /// Gives the event an id, records it for its `user_id` and queues it on every stream of
@@ -211,22 +207,16 @@ impl StreamIndex {
             };
             state.history.record(&user, recorded, Instant::now());
             if let Some(streams) = state.by_user.get_mut(user_id) {
-                streams.retain(|stream| match stream.frames.try_send(frame.clone()) {
+                streams.retain(|stream| match stream.frames.push(frame.clone()) {
                     Ok(()) => {
                         delivered += 1;
                         true
                     }
-                    Err(mpsc::error::TrySendError::Full(_)) => {
+                    Err(QueueFull) => {
                         dropped += 1;
-                        self.metrics.count_slow_consumer_disconnect();
-                        log::warning!(
-                            "disconnecting a slow SSE client of user {user_id}: {} frames queued",
-                            self.settings.queue_capacity
-                        );
-                        stream.disconnect.notify_one();
+                        self.disconnect_slow(user_id, stream);
                         false
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => false,
                 });
                 if streams.is_empty() {
                     state.by_user.remove(user_id);
@@ -237,11 +227,45 @@ impl StreamIndex {
         delivered as usize
     }
 
-    /// Ends every open stream and refuses new ones (server shutdown).
+    /// Queues a keepalive comment on every open stream; streams whose queue is full are
+    /// disconnected as slow. One pass every keepalive interval keeps a timer per stream away.
+    pub fn send_keepalives(&self) {
+        let keepalive = Bytes::from_static(KEEPALIVE);
+        let mut state = self.lock();
+        state.by_user.retain(|user_id, streams| {
+            streams.retain(|stream| match stream.frames.push(keepalive.clone()) {
+                Ok(()) => true,
+                Err(QueueFull) => {
+                    self.disconnect_slow(user_id, stream);
+                    false
+                }
+            });
+            !streams.is_empty()
+        });
+    }
+
+    /// Ends every open stream (after the frames already queued) and refuses new ones.
     pub fn close_all(&self) {
         let mut state = self.lock();
         state.closed = true;
-        state.by_user.clear();
+        for stream in state.by_user.drain().flat_map(|(_, streams)| streams) {
+            stream.frames.close();
+        }
+    }
+
+    /// The interval between keepalive comments.
+    pub fn keepalive_interval(&self) -> Duration {
+        self.settings.keepalive
+    }
+
+    fn disconnect_slow(&self, user_id: &str, stream: &StreamEntry) {
+        self.metrics.count_slow_consumer_disconnect();
+        log::warning!(
+            "disconnecting a slow SSE client of user {user_id}: {} frames queued",
+            self.settings.queue_capacity
+        );
+        stream.frames.close();
+        stream.disconnect.notify_one();
     }
 
     /// How many streams are open.
