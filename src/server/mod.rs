@@ -7,7 +7,7 @@ mod routes;
 
 pub use auth::{Authenticator, Claims, Identity, PUBLISHER_ROLE};
 pub use error::ApiError;
-pub use router::handle;
+pub use router::{handle, RequestBody};
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use http_body_util::Either;
-use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
@@ -11,7 +10,7 @@ use tokio::sync::Notify;
 
 use crate::config::MAX_PUBLISH_BODY_BYTES;
 use crate::events::EventType;
-use crate::server::router::read_json;
+use crate::server::router::{read_json, RequestBody};
 use crate::server::{json_response, ApiError, AppState, ResponseBody};
 use crate::sse::{encoder, StreamLimitError};
 
@@ -22,7 +21,7 @@ const MAX_EVENT_TYPE_LEN: usize = 128;
 pub(in crate::server) fn stream(
     state: &AppState,
     disconnect: Arc<Notify>,
-    request: &Request<Incoming>,
+    request: &Request<impl RequestBody>,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let identity = state.auth.authenticate(request.headers())?;
     let connected = json!({"type": "connected", "user_id": identity.user_id});
@@ -50,7 +49,7 @@ pub(in crate::server) fn stream(
 /// Publishes `{"event_type", "event_data"}` on the bus, for callers with the publisher role.
 pub(in crate::server) async fn publish(
     state: &AppState,
-    request: Request<Incoming>,
+    request: Request<impl RequestBody>,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let identity = state.auth.authenticate(request.headers())?;
     if !identity.publisher {
