@@ -2,14 +2,18 @@
 //!
 //! # Layout
 //! - [`events`]: `EventType`, the publish/subscribe [`events::EventBus`] and `get_event_bus()`.
-//! - [`sse`]: the SSE wire format (pure), a client's stream body, and the per-user stream index.
+//! - [`sse`]: the SSE wire format both ways (pure), a client's stream body, and the per-user
+//!   stream index.
 //! - [`jobs`]: the job record and `JobStore`, the generator and validator, and `ArtifactWorker`.
 //! - [`server`]: the accept loop, router, JWT auth, errors and the HTTP routes.
 //! - [`config`]: settings with named defaults, read from the environment.
 //! - [`log`], [`time`], [`random`]: small utilities that keep the dependency list short.
+//! - `fuzz_checks` (hidden): the fuzz targets' checks, shared with the corpus-replay test.
 
 pub mod config;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzz_checks;
 pub mod jobs;
 pub mod log;
 pub(crate) mod panic;

@@ -3,7 +3,7 @@
 mod auth;
 mod error;
 mod router;
-mod routes;
+pub(crate) mod routes;
 
 pub use auth::{Authenticator, Claims, Identity, PUBLISHER_ROLE};
 pub use error::ApiError;

@@ -108,7 +108,7 @@ fn store_failure(error: StoreError) -> ApiError {
 }
 
 /// Checks every field of a generate request and builds the queued job.
-fn parse_generate_request(user_id: &str, body: Value) -> Result<Job, ApiError> {
+pub(crate) fn parse_generate_request(user_id: &str, body: Value) -> Result<Job, ApiError> {
     let Value::Object(fields) = body else {
         return Err(invalid("the body must be a JSON object"));
     };
