@@ -7,6 +7,7 @@
 //! - [`jobs`]: the job record and `JobStore`, the generator and validator, and `ArtifactWorker`.
 //! - [`server`]: the accept loop, router, JWT auth, errors and the HTTP routes.
 //! - [`config`]: settings with named defaults, read from the environment.
+//! - [`listen`]: the `listen` command's client, which prints a user's events as they arrive.
 //! - [`log`], [`time`], [`random`]: small utilities that keep the dependency list short.
 //! - `fuzz_checks` (hidden): the fuzz targets' checks, shared with the corpus-replay test.
 
@@ -15,6 +16,7 @@ pub mod events;
 #[doc(hidden)]
 pub mod fuzz_checks;
 pub mod jobs;
+pub mod listen;
 pub mod log;
 pub(crate) mod panic;
 pub mod random;
