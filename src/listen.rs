@@ -64,6 +64,11 @@ pub async fn listen(url: &str, token: &str, out: &mut impl Write) -> Result<(), 
             "{url}: only http:// is supported"
         )));
     }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(ListenError::Url(format!(
+            "{url}: give the server's root, e.g. {DEFAULT_URL}; the stream's path is added"
+        )));
+    }
     let authority = uri
         .authority()
         .ok_or_else(|| ListenError::Url(format!("{url}: no host")))?;

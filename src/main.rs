@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use artifact_events::config::Config;
-use artifact_events::listen::{listen, DEFAULT_URL};
+use artifact_events::listen::{listen, ListenError, DEFAULT_URL};
 use artifact_events::server::{self, AppState, Authenticator};
 use artifact_events::{get_event_bus, log};
 
@@ -87,6 +87,7 @@ fn listen_command(args: &[String]) -> ExitCode {
     };
     match runtime.block_on(listen(&url, &token, &mut std::io::stdout().lock())) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error @ ListenError::Url(_)) => usage_error(&error.to_string()),
         Err(error) => {
             eprintln!("artifact-events listen: {error}");
             ExitCode::FAILURE

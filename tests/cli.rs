@@ -133,10 +133,31 @@ async fn listen_with_a_refused_token_exits_1_and_prints_the_json_error() {
 }
 
 #[test]
-fn listen_without_a_token_or_user_is_a_usage_error() {
-    let output = Command::new(BINARY).arg("listen").output().unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("--token JWT or --user USER_ID"));
+fn listen_with_bad_arguments_is_a_usage_error() {
+    for (args, reason) in [
+        (&["listen"][..], "--token JWT or --user USER_ID"),
+        (
+            &[
+                "listen",
+                "--url",
+                "http://127.0.0.1:8000/events",
+                "--token",
+                "t",
+            ],
+            "give the server's root",
+        ),
+        (
+            &["listen", "--url", "https://example.com", "--token", "t"],
+            "only http://",
+        ),
+    ] {
+        let output = Command::new(BINARY).args(args).output().unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains(reason),
+            "{args:?}"
+        );
+    }
 }
 
 async fn next_line(lines: &mut mpsc::UnboundedReceiver<String>) -> String {
