@@ -41,9 +41,6 @@ const SEPARATOR: u8 = 0xFF;
 const MAX_ROUNDTRIP_EVENTS: usize = 8;
 /// The user every token in `http_request` and `jwt_auth` is issued to.
 const FUZZ_USER: &str = "fuzz-user";
-/// Jobs the `http_request` state keeps: generate answers 503 beyond, so memory stays bounded
-/// over millions of iterations (no worker ever finishes them).
-const FUZZ_MAX_JOBS: usize = 64;
 /// The secret of the tokens that `jwt_auth` mutates.
 const KNOWN_SECRET: &[u8] = b"fuzz-known-secret";
 /// An `exp` far in the future (2096), fixed so that the same input always makes the same token.
@@ -181,7 +178,7 @@ pub fn http_request(input: &[u8]) {
         }
     }
     server.runtime.block_on(async {
-        let response = handle(server.state.clone(), Arc::new(Notify::new()), request).await;
+        let response = handle(server.state(), Arc::new(Notify::new()), request).await;
         check_response(response).await;
     });
 }
@@ -281,11 +278,11 @@ fn parse_in_chunks(
     )
 }
 
-/// A server state with no workers and no listener, and the runtime its routes run on; built
-/// once per thread, since building it per input would dominate the fuzzing time.
+/// The runtime that `http_request` serves on and the tokens it substitutes; built once per
+/// thread, since a runtime per input would dominate the fuzzing time.
 struct FuzzServer {
     runtime: tokio::runtime::Runtime,
-    state: Arc<AppState>,
+    config: Config,
     user_token: String,
     publisher_token: String,
 }
@@ -305,17 +302,23 @@ impl FuzzServer {
             .enable_all()
             .build()
             .expect("a current-thread runtime builds");
-        let mut config = Config::with_secret("fuzz-server-secret");
-        config.max_jobs = FUZZ_MAX_JOBS;
-        let state = AppState::new(config, Arc::new(EventBus::new()));
+        let config = Config::with_secret("fuzz-server-secret");
+        let auth = Authenticator::new(config.jwt_secret.as_bytes(), config.jwt_algorithm);
         // Outlives any fuzzing run.
         let ttl = std::time::Duration::from_secs(365 * 86_400);
         FuzzServer {
-            user_token: state.auth.issue(FUZZ_USER, false, ttl),
-            publisher_token: state.auth.issue(FUZZ_USER, true, ttl),
+            user_token: auth.issue(FUZZ_USER, false, ttl),
+            publisher_token: auth.issue(FUZZ_USER, true, ttl),
             runtime,
-            state,
+            config,
         }
+    }
+
+    /// A fresh state with no workers and no listener: an input's outcome never depends on the
+    /// inputs before it (a failure reproduces from its file alone), and the job store, which no
+    /// worker empties, never fills.
+    fn state(&self) -> Arc<AppState> {
+        AppState::new(self.config.clone(), Arc::new(EventBus::new()))
     }
 }
 
