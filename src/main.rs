@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use artifact_events::config::Config;
+use artifact_events::listen::{listen, ListenError, DEFAULT_URL};
 use artifact_events::server::{self, AppState, Authenticator};
 use artifact_events::{get_event_bus, log};
 
@@ -14,12 +15,18 @@ USAGE:
     artifact-events [serve] [--addr HOST:PORT]     run the server (the default)
     artifact-events token USER_ID [--publisher] [--ttl SECS]
                                                    print a JWT signed with JWT_SECRET
+    artifact-events listen [--url URL] (--token JWT | --user USER_ID)
+                                                   print a user's events as they arrive, each
+                                                   event's data on a line
     artifact-events --help                         print this help
 
 FLAGS:
     --addr HOST:PORT   listening address (overrides ADDR)
     --publisher        token carries role=publisher (may POST /ai/events/publish)
     --ttl SECS         token lifetime in seconds (default 86400)
+    --url URL          server to listen to, http only (default http://127.0.0.1:8000)
+    --token JWT        listen with this token
+    --user USER_ID     listen as USER_ID, with a token signed with JWT_SECRET
 
 ENVIRONMENT:
     ADDR                       listening address                     [127.0.0.1:8000]
@@ -56,16 +63,64 @@ fn main() -> ExitCode {
     }
     let result = match args.first().map(String::as_str) {
         Some("token") => print_token(&args[1..]),
+        Some("listen") => return listen_command(&args[1..]),
         Some("serve") => serve(&args[1..]),
         _ => serve(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("artifact-events: {message}\n(see artifact-events --help)");
-            ExitCode::from(2)
+        Err(message) => usage_error(&message),
+    }
+}
+
+fn usage_error(message: &str) -> ExitCode {
+    eprintln!("artifact-events: {message}\n(see artifact-events --help)");
+    ExitCode::from(2)
+}
+
+/// Exits 2 for bad arguments, and 1 when the server refuses the stream or it breaks.
+fn listen_command(args: &[String]) -> ExitCode {
+    let (url, token) = match listen_arguments(args) {
+        Ok(arguments) => arguments,
+        Err(message) => return usage_error(&message),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => return usage_error(&error.to_string()),
+    };
+    match runtime.block_on(listen(&url, &token, &mut std::io::stdout().lock())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error @ ListenError::Url(_)) => usage_error(&error.to_string()),
+        Err(error) => {
+            eprintln!("artifact-events listen: {error}");
+            ExitCode::FAILURE
         }
     }
+}
+
+/// The URL and the token that `listen` uses, from `--url` and `--token` or `--user`.
+fn listen_arguments(args: &[String]) -> Result<(String, String), String> {
+    let mut url = DEFAULT_URL.to_owned();
+    let mut token = None;
+    let mut user_id = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--url" => url = args.next().ok_or("--url needs a URL")?.clone(),
+            "--token" => token = Some(args.next().ok_or("--token needs a JWT")?.clone()),
+            "--user" => user_id = Some(args.next().ok_or("--user needs a USER_ID")?.clone()),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    let token = match (token, user_id) {
+        (Some(token), None) => token,
+        (None, Some(user_id)) => signed_token(&user_id, false, DEFAULT_TOKEN_TTL_SECS)?,
+        _ => return Err("listen needs either --token JWT or --user USER_ID".into()),
+    };
+    Ok((url, token))
 }
 
 fn serve(args: &[String]) -> Result<(), String> {
@@ -118,6 +173,12 @@ fn print_token(args: &[String]) -> Result<(), String> {
         }
     }
     let user_id = user_id.ok_or("token needs a USER_ID")?;
+    println!("{}", signed_token(&user_id, publisher, ttl)?);
+    Ok(())
+}
+
+/// A token for `user_id` signed with `JWT_SECRET`, which must be set.
+fn signed_token(user_id: &str, publisher: bool, ttl: u64) -> Result<String, String> {
     let config = Config::from_env().map_err(|error| error.to_string())?;
     if config.development_secret {
         return Err(
@@ -125,11 +186,7 @@ fn print_token(args: &[String]) -> Result<(), String> {
         );
     }
     let auth = Authenticator::new(config.jwt_secret.as_bytes(), config.jwt_algorithm);
-    println!(
-        "{}",
-        auth.issue(&user_id, publisher, Duration::from_secs(ttl))
-    );
-    Ok(())
+    Ok(auth.issue(user_id, publisher, Duration::from_secs(ttl)))
 }
 
 fn print_development_banner(config: &Config, addr: std::net::SocketAddr) {

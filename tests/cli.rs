@@ -1,14 +1,17 @@
-//! The `artifact-events` binary as a user runs it: token printing, help, serving, SIGTERM.
+//! The `artifact-events` binary as a user runs it: token printing, listening, help, serving,
+//! SIGTERM.
 
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use artifact_events::server::Authenticator;
-use common::{SseClient, SECRET};
+use common::{config, publish_http, SseClient, TestServer, PATIENCE, SECRET};
 use jsonwebtoken::Algorithm;
+use serde_json::json;
+use tokio::sync::mpsc;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_artifact-events");
 
@@ -45,9 +48,13 @@ fn help_lists_every_flag_and_environment_variable() {
     assert!(output.status.success());
     let help = String::from_utf8(output.stdout).unwrap();
     for name in [
+        "listen",
         "--addr",
         "--publisher",
         "--ttl",
+        "--url",
+        "--token",
+        "--user",
         "ADDR",
         "JWT_SECRET",
         "JWT_ALGORITHM",
@@ -72,6 +79,112 @@ fn help_lists_every_flag_and_environment_variable() {
     ] {
         assert!(help.contains(name), "--help does not mention {name}");
     }
+}
+
+#[tokio::test]
+async fn listen_prints_each_event_of_its_user_as_it_arrives() {
+    let server = TestServer::start(config()).await;
+    let mut child = Command::new(BINARY)
+        .args(["listen", "--url", &format!("http://{}", server.addr)])
+        .args(["--token", &server.token("alice")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = lines_of(child.stdout.take().unwrap());
+    assert_eq!(
+        next_line(&mut lines).await,
+        r#"{"type":"connected","user_id":"alice"}"#
+    );
+
+    publish_http(
+        &server,
+        "artifact.completed",
+        json!({"user_id": "bob", "job_id": "j0"}),
+    )
+    .await;
+    publish_http(
+        &server,
+        "artifact.completed",
+        json!({"user_id": "alice", "job_id": "j1"}),
+    )
+    .await;
+    assert_eq!(
+        next_line(&mut lines).await,
+        r#"{"job_id":"j1","user_id":"alice"}"#
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn listen_with_a_refused_token_exits_1_and_prints_the_json_error() {
+    let server = TestServer::start(config()).await;
+    let url = format!("http://{}", server.addr);
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(BINARY)
+            .args(["listen", "--url", &url, "--token", "not-a-jwt"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(r#"401 Unauthorized: {"error":"token is malformed"}"#),
+        "{stderr}"
+    );
+    server.stop().await;
+}
+
+#[test]
+fn listen_with_bad_arguments_is_a_usage_error() {
+    for (args, reason) in [
+        (&["listen"][..], "--token JWT or --user USER_ID"),
+        (
+            &[
+                "listen",
+                "--url",
+                "http://127.0.0.1:8000/events",
+                "--token",
+                "t",
+            ],
+            "give the server's root",
+        ),
+        (
+            &["listen", "--url", "https://example.com", "--token", "t"],
+            "only http://",
+        ),
+    ] {
+        let output = Command::new(BINARY).args(args).output().unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains(reason),
+            "{args:?}"
+        );
+    }
+}
+
+async fn next_line(lines: &mut mpsc::UnboundedReceiver<String>) -> String {
+    tokio::time::timeout(PATIENCE, lines.recv())
+        .await
+        .expect("a line arrives in time")
+        .expect("the child is still writing")
+}
+
+/// The lines a child writes, read on a thread of their own so that the test's runtime (which
+/// also runs the server) never blocks on the pipe.
+fn lines_of(stdout: ChildStdout) -> mpsc::UnboundedReceiver<String> {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if sender.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    receiver
 }
 
 #[test]

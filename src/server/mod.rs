@@ -3,11 +3,11 @@
 mod auth;
 mod error;
 mod router;
-mod routes;
+pub(crate) mod routes;
 
 pub use auth::{Authenticator, Claims, Identity, PUBLISHER_ROLE};
 pub use error::ApiError;
-pub use router::handle;
+pub use router::{handle, RequestBody};
 
 use std::convert::Infallible;
 use std::future::Future;

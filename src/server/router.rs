@@ -5,7 +5,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use hyper::body::Body;
 use hyper::header::{
     HeaderMap, HeaderValue, ACCESS_CONTROL_ALLOW_CREDENTIALS, ACCESS_CONTROL_ALLOW_HEADERS,
     ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_MAX_AGE, ALLOW,
@@ -21,11 +21,23 @@ use super::{json_response, AppState, ResponseBody};
 use crate::log;
 use crate::panic::catch_unwind;
 
+/// A request body the router can read: hyper's `Incoming` from a connection, or any other
+/// body of bytes (the fuzz checks pass a `Full<Bytes>` in process).
+pub trait RequestBody:
+    Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static
+{
+}
+
+impl<B> RequestBody for B where
+    B: Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static
+{
+}
+
 /// Answers one request; every error, and any panic in a route, becomes a JSON response.
 pub async fn handle(
     state: Arc<AppState>,
     disconnect: Arc<Notify>,
-    request: Request<Incoming>,
+    request: Request<impl RequestBody>,
 ) -> Response<ResponseBody> {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
@@ -84,7 +96,7 @@ fn preflight(allow: &'static str) -> Response<ResponseBody> {
 async fn route(
     state: Arc<AppState>,
     disconnect: Arc<Notify>,
-    request: Request<Incoming>,
+    request: Request<impl RequestBody>,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let path = request.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -144,7 +156,10 @@ fn metrics(state: &AppState) -> Result<Response<ResponseBody>, ApiError> {
 }
 
 /// Reads a JSON body of at most `limit` bytes: 413 when larger, 400 when not JSON.
-pub(super) async fn read_json(request: Request<Incoming>, limit: usize) -> Result<Value, ApiError> {
+pub(super) async fn read_json(
+    request: Request<impl RequestBody>,
+    limit: usize,
+) -> Result<Value, ApiError> {
     let declared_length = request
         .headers()
         .get(CONTENT_LENGTH)

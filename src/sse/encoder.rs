@@ -11,7 +11,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 pub struct Event<'a> {
     /// The `id:` field, which the client sends back as `Last-Event-ID`.
     pub id: Option<&'a str>,
-    /// The `event:` field; clients using `onmessage` only see events without one.
+    /// The `event:` field; clients using `onmessage` only see events without one. `Some("")`
+    /// is sent as is and clients dispatch it as `message`, exactly like `None`.
     pub event: Option<&'a str>,
     /// The payload, any text.
     pub data: &'a str,

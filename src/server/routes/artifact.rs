@@ -1,13 +1,12 @@
 //! Artifact jobs: `POST /ai/artifact/generate`, `GET /ai/artifact/jobs[/{id}]`, and cancel.
 
-use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Map, Value};
 
 use crate::config::{MAX_CONTENT_BYTES, MAX_GENERATE_BODY_BYTES};
 use crate::jobs::{ArtifactType, CancelOutcome, Job, JobFilter, JobStatus, StoreError};
 use crate::log;
-use crate::server::router::{query_pairs, read_json};
+use crate::server::router::{query_pairs, read_json, RequestBody};
 use crate::server::{json_response, ApiError, AppState, ResponseBody};
 
 /// The fields a generate request may have.
@@ -29,7 +28,7 @@ const MAX_LIST_LIMIT: usize = 100;
 /// Validates the request, queues the job, and answers 202 with its id.
 pub(in crate::server) async fn generate(
     state: &AppState,
-    request: Request<Incoming>,
+    request: Request<impl RequestBody>,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let identity = state.auth.authenticate(request.headers())?;
     let body = read_json(request, MAX_GENERATE_BODY_BYTES).await?;
@@ -53,7 +52,7 @@ pub(in crate::server) async fn generate(
 /// One of the caller's jobs; another user's job is 404, as if it did not exist.
 pub(in crate::server) fn get_job(
     state: &AppState,
-    request: &Request<Incoming>,
+    request: &Request<impl RequestBody>,
     job_id: &str,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let identity = state.auth.authenticate(request.headers())?;
@@ -68,7 +67,7 @@ pub(in crate::server) fn get_job(
 /// The caller's jobs, newest first, filtered by `notebook_id` and `status`, at most `limit`.
 pub(in crate::server) fn list_jobs(
     state: &AppState,
-    request: &Request<Incoming>,
+    request: &Request<impl RequestBody>,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let identity = state.auth.authenticate(request.headers())?;
     let filter = parse_job_filter(request.uri().query().unwrap_or(""))?;
@@ -84,7 +83,7 @@ pub(in crate::server) fn list_jobs(
 /// Cancels a queued or running job of the caller: 200 with the job, 409 if already finished.
 pub(in crate::server) async fn cancel_job(
     state: &AppState,
-    request: &Request<Incoming>,
+    request: &Request<impl RequestBody>,
     job_id: &str,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let identity = state.auth.authenticate(request.headers())?;
@@ -109,7 +108,7 @@ fn store_failure(error: StoreError) -> ApiError {
 }
 
 /// Checks every field of a generate request and builds the queued job.
-fn parse_generate_request(user_id: &str, body: Value) -> Result<Job, ApiError> {
+pub(crate) fn parse_generate_request(user_id: &str, body: Value) -> Result<Job, ApiError> {
     let Value::Object(fields) = body else {
         return Err(invalid("the body must be a JSON object"));
     };

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use http_body_util::Either;
-use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, COOKIE};
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
@@ -12,7 +11,7 @@ use tokio::sync::Notify;
 use crate::config::MAX_PUBLISH_BODY_BYTES;
 use crate::events::EventType;
 use crate::server::auth::bearer_token;
-use crate::server::router::{query_pairs, read_json};
+use crate::server::router::{query_pairs, read_json, RequestBody};
 use crate::server::{json_response, ApiError, AppState, ResponseBody};
 use crate::sse::StreamLimitError;
 
@@ -26,7 +25,7 @@ const MAX_EVENT_TYPE_LEN: usize = 128;
 pub(in crate::server) fn stream(
     state: &AppState,
     disconnect: Arc<Notify>,
-    request: &Request<Incoming>,
+    request: &Request<impl RequestBody>,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let identity = state.auth.verify(&stream_token(request)?)?;
     let last_event_id = match request.headers().get(LAST_EVENT_ID) {
@@ -56,7 +55,7 @@ pub(in crate::server) fn stream(
 
 /// The stream's token: the `Authorization: Bearer` header, else (for `EventSource`, which
 /// cannot send headers) the `access_token` query parameter, else the `access_token` cookie.
-fn stream_token(request: &Request<Incoming>) -> Result<String, ApiError> {
+fn stream_token(request: &Request<impl RequestBody>) -> Result<String, ApiError> {
     if request.headers().contains_key(AUTHORIZATION) {
         return bearer_token(request.headers()).map(str::to_owned);
     }
@@ -76,7 +75,10 @@ fn stream_token(request: &Request<Incoming>) -> Result<String, ApiError> {
     }
 }
 
-fn query_param(request: &Request<Incoming>, name: &str) -> Result<Option<String>, ApiError> {
+fn query_param(
+    request: &Request<impl RequestBody>,
+    name: &str,
+) -> Result<Option<String>, ApiError> {
     for (key, value) in query_pairs(request.uri().query().unwrap_or("")) {
         if key == name {
             return value.map(Some).ok_or_else(|| {
@@ -92,7 +94,7 @@ fn query_param(request: &Request<Incoming>, name: &str) -> Result<Option<String>
 /// Publishes `{"event_type", "event_data"}` on the bus, for callers with the publisher role.
 pub(in crate::server) async fn publish(
     state: &AppState,
-    request: Request<Incoming>,
+    request: Request<impl RequestBody>,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let identity = state.auth.authenticate(request.headers())?;
     if !identity.publisher {

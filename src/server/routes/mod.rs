@@ -1,4 +1,4 @@
 //! One module per resource.
 
-pub(super) mod artifact;
+pub(crate) mod artifact;
 pub(super) mod events;
