@@ -267,8 +267,7 @@ fn token(user_id: &str) -> String {
 #[tokio::test]
 async fn sigterm_ends_streams_and_exits_zero() {
     let server = RunningServer::start(&[]);
-    let mut client = SseClient::connect(server.addr, &token("alice")).await;
-    client.next_frame().await;
+    let mut client = SseClient::connected(server.addr, &token("alice")).await;
 
     let (exit, log) = server.terminate();
     assert_eq!(

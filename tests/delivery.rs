@@ -49,8 +49,7 @@ fn numbers(seen: &[(String, u64)]) -> Vec<u64> {
 #[tokio::test]
 async fn ids_increase_and_a_reconnect_with_last_event_id_gets_exactly_the_missed_events() {
     let server = TestServer::start(config()).await;
-    let mut client = SseClient::connect(server.addr, &server.token("alice")).await;
-    client.next_frame().await;
+    let mut client = SseClient::connected(server.addr, &server.token("alice")).await;
     for n in 1..=3 {
         publish(&server, "alice", n).await;
     }
@@ -84,8 +83,7 @@ async fn ids_increase_and_a_reconnect_with_last_event_id_gets_exactly_the_missed
 #[tokio::test]
 async fn the_last_event_id_query_parameter_works_like_the_header() {
     let server = TestServer::start(config()).await;
-    let mut client = SseClient::connect(server.addr, &server.token("alice")).await;
-    client.next_frame().await;
+    let mut client = SseClient::connected(server.addr, &server.token("alice")).await;
     publish(&server, "alice", 1).await;
     let seen = read_through(&mut client, 1).await;
     publish(&server, "alice", 2).await;
@@ -108,8 +106,7 @@ async fn an_id_older_than_the_history_first_gets_replay_incomplete() {
     let mut settings = config();
     settings.history.events_per_user = 3;
     let server = TestServer::start(settings).await;
-    let mut client = SseClient::connect(server.addr, &server.token("alice")).await;
-    client.next_frame().await;
+    let mut client = SseClient::connected(server.addr, &server.token("alice")).await;
     publish(&server, "alice", 1).await;
     let first_id = read_through(&mut client, 1).await.remove(0).0;
     drop(client);
@@ -139,8 +136,7 @@ async fn an_id_older_than_the_history_first_gets_replay_incomplete() {
 #[tokio::test]
 async fn a_restarted_server_never_reuses_ids_and_reports_older_ones_incomplete() {
     let first = TestServer::start(config()).await;
-    let mut client = SseClient::connect(first.addr, &first.token("alice")).await;
-    client.next_frame().await;
+    let mut client = SseClient::connected(first.addr, &first.token("alice")).await;
     publish(&first, "alice", 1).await;
     let old_id = read_through(&mut client, 1).await.remove(0).0;
     first.stop().await;
@@ -164,8 +160,7 @@ async fn reconnecting_while_events_are_published_loses_and_repeats_nothing() {
     settings.history.events_per_user = EVENTS as usize;
     settings.stream_queue_capacity = EVENTS as usize;
     let server = TestServer::start(settings).await;
-    let mut client = SseClient::connect(server.addr, &server.token("alice")).await;
-    client.next_frame().await;
+    let mut client = SseClient::connected(server.addr, &server.token("alice")).await;
     let publisher = {
         let bus = server.state.bus.clone();
         tokio::spawn(async move {
@@ -199,8 +194,7 @@ async fn a_disconnected_slow_consumer_recovers_everything_with_last_event_id() {
     let mut settings = config();
     settings.stream_queue_capacity = 8;
     let server = TestServer::start(settings).await;
-    let mut client = SseClient::connect(server.addr, &server.token("alice")).await;
-    client.next_frame().await;
+    let mut client = SseClient::connected(server.addr, &server.token("alice")).await;
     publish(&server, "alice", 1).await;
     let last_id = read_through(&mut client, 1).await.remove(0).0;
 
@@ -329,8 +323,7 @@ async fn metrics_count_streams_events_jobs_and_responses() {
     let mut settings = config();
     settings.stream_queue_capacity = 1;
     let server = TestServer::start(settings).await;
-    let mut client = SseClient::connect(server.addr, &server.token("alice")).await;
-    client.next_frame().await;
+    let mut client = SseClient::connected(server.addr, &server.token("alice")).await;
     publish(&server, "alice", 1).await;
     read_through(&mut client, 1).await;
     server

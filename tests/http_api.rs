@@ -197,8 +197,7 @@ async fn publishing_needs_a_valid_token_with_the_publisher_role() {
 #[tokio::test]
 async fn bad_publish_bodies_get_400_and_publish_nothing() {
     let server = TestServer::start(config()).await;
-    let mut client = SseClient::connect(server.addr, &server.token("u")).await;
-    client.next_frame().await;
+    let mut client = SseClient::connected(server.addr, &server.token("u")).await;
     let token = server.publisher_token();
     let bodies = [
         ("{not json", "malformed JSON"),

@@ -83,8 +83,7 @@ fn keys(value: &Value) -> Vec<&str> {
 async fn every_artifact_type_completes_with_progress_then_the_seeds_payload() {
     let server = TestServer::start(config()).await;
     let token = server.token("alice");
-    let mut client = SseClient::connect(server.addr, &token).await;
-    client.next_frame().await;
+    let mut client = SseClient::connected(server.addr, &token).await;
 
     for (artifact_type, content, options) in [
         ("quiz", PHOTOSYNTHESIS, json!({"num_questions": 5})),
@@ -189,8 +188,7 @@ async fn every_artifact_type_completes_with_progress_then_the_seeds_payload() {
 async fn a_bare_instruction_fails_after_one_retry_with_an_actionable_error() {
     let server = TestServer::start(config()).await;
     let token = server.token("alice");
-    let mut client = SseClient::connect(server.addr, &token).await;
-    client.next_frame().await;
+    let mut client = SseClient::connected(server.addr, &token).await;
 
     // The seed's literal request: an instruction, no source material.
     let body =
@@ -356,8 +354,7 @@ async fn generator_errors_panics_and_timeouts_fail_attempts_and_the_worker_survi
         TestServer::start_with_generator(scripted_config(), Arc::new(ScriptedGenerator::default()))
             .await;
     let token = server.token("alice");
-    let mut client = SseClient::connect(server.addr, &token).await;
-    client.next_frame().await;
+    let mut client = SseClient::connected(server.addr, &token).await;
 
     for (content, expected) in [
         ("panic:", "the generator panicked: scripted generator panic"),
@@ -395,8 +392,7 @@ async fn a_failed_first_attempt_is_retried_and_can_still_complete() {
         TestServer::start_with_generator(scripted_config(), Arc::new(ScriptedGenerator::default()))
             .await;
     let token = server.token("alice");
-    let mut client = SseClient::connect(server.addr, &token).await;
-    client.next_frame().await;
+    let mut client = SseClient::connected(server.addr, &token).await;
 
     let job_id = submit(
         &server,
@@ -425,8 +421,7 @@ async fn queued_and_running_jobs_can_be_cancelled_finished_ones_cannot() {
     let server =
         TestServer::start_with_generator(settings, Arc::new(ScriptedGenerator::default())).await;
     let token = server.token("alice");
-    let mut client = SseClient::connect(server.addr, &token).await;
-    client.next_frame().await;
+    let mut client = SseClient::connected(server.addr, &token).await;
     let cancel = |job_id: &str| {
         request(
             "POST",
@@ -502,8 +497,7 @@ async fn jobs_are_visible_only_to_their_owner() {
     let server = TestServer::start(config()).await;
     let alice = server.token("alice");
     let bob = server.token("bob");
-    let mut bobs_stream = SseClient::connect(server.addr, &bob).await;
-    bobs_stream.next_frame().await;
+    let mut bobs_stream = SseClient::connected(server.addr, &bob).await;
     let job_id = submit(
         &server,
         &alice,
@@ -638,8 +632,7 @@ async fn every_invalid_generate_request_is_refused_naming_the_field() {
 async fn jobs_are_listed_newest_first_and_filtered() {
     let server = TestServer::start(config()).await;
     let token = server.token("alice");
-    let mut client = SseClient::connect(server.addr, &token).await;
-    client.next_frame().await;
+    let mut client = SseClient::connected(server.addr, &token).await;
     let mut ids = Vec::new();
     for (notebook, content) in [
         ("a", PHOTOSYNTHESIS),
@@ -717,8 +710,7 @@ async fn a_burst_of_200_jobs_across_20_users_ends_each_in_one_terminal_event_to_
     let mut owners: HashMap<String, usize> = HashMap::new();
     for user in 0..USERS {
         let token = server.token(&format!("user-{user}"));
-        let mut client = SseClient::connect(server.addr, &token).await;
-        client.next_frame().await;
+        let mut client = SseClient::connected(server.addr, &token).await;
         for n in 0..JOBS_PER_USER {
             let artifact_type = ["quiz", "flashcards", "summary"][n % 3];
             let body = generate_body(
@@ -768,8 +760,7 @@ async fn shutdown_lets_the_running_job_finish_and_leaves_queued_ones_queued() {
         TestServer::start_with_generator(scripted_config(), Arc::new(ScriptedGenerator::default()))
             .await;
     let token = server.token("alice");
-    let mut client = SseClient::connect(server.addr, &token).await;
-    client.next_frame().await;
+    let mut client = SseClient::connected(server.addr, &token).await;
     let running = submit(
         &server,
         &token,

@@ -31,8 +31,7 @@ async fn connected_frame_is_byte_exact_with_event_stream_headers() {
 #[tokio::test]
 async fn own_events_arrive_in_publish_order_as_compact_json_data_frames() {
     let server = TestServer::start(config()).await;
-    let mut client = SseClient::connect(server.addr, &server.token("alice")).await;
-    client.next_frame().await;
+    let mut client = SseClient::connected(server.addr, &server.token("alice")).await;
 
     let bus = &server.state.bus;
     bus.publish(&EventType::STARTED, json!({"user_id": "alice", "n": 1}))
@@ -138,8 +137,7 @@ async fn other_users_events_are_never_delivered() {
 #[tokio::test]
 async fn events_without_a_string_user_id_go_to_nobody() {
     let server = TestServer::start(config()).await;
-    let mut client = SseClient::connect(server.addr, &server.token("42")).await;
-    client.next_frame().await;
+    let mut client = SseClient::connected(server.addr, &server.token("42")).await;
 
     server
         .state
@@ -171,8 +169,7 @@ async fn keepalive_comments_arrive_at_the_configured_interval() {
     let mut settings = config();
     settings.keepalive = Duration::from_secs(1);
     let server = TestServer::start(settings).await;
-    let mut client = SseClient::connect(server.addr, &server.token("alice")).await;
-    client.next_frame().await;
+    let mut client = SseClient::connected(server.addr, &server.token("alice")).await;
 
     let started = tokio::time::Instant::now();
     assert_eq!(client.next_frame().await.unwrap(), ": keepalive\n\n");
@@ -191,10 +188,8 @@ async fn a_client_that_goes_away_is_removed_from_the_index() {
     let mut settings = config();
     settings.keepalive = Duration::from_secs(1);
     let server = TestServer::start(settings).await;
-    let mut staying = SseClient::connect(server.addr, &server.token("alice")).await;
-    staying.next_frame().await;
-    let mut leaving = SseClient::connect(server.addr, &server.token("alice")).await;
-    leaving.next_frame().await;
+    let mut staying = SseClient::connected(server.addr, &server.token("alice")).await;
+    let mut leaving = SseClient::connected(server.addr, &server.token("alice")).await;
     assert_eq!(server.state.streams.stream_count(), 2);
 
     drop(leaving);
@@ -239,8 +234,7 @@ async fn a_client_that_stops_reading_is_disconnected_instead_of_growing_memory()
         })
         .await;
 
-    let mut reader = SseClient::connect(server.addr, &server.token("awake")).await;
-    reader.next_frame().await;
+    let mut reader = SseClient::connected(server.addr, &server.token("awake")).await;
     let padding = "x".repeat(16 * 1024);
     let mut published = 0;
     while server.state.metrics.slow_consumer_disconnects() == 0 {
@@ -310,8 +304,7 @@ async fn a_user_beyond_the_stream_limit_gets_429() {
 #[tokio::test]
 async fn shutdown_ends_open_streams_cleanly() {
     let server = TestServer::start(config()).await;
-    let mut client = SseClient::connect(server.addr, &server.token("alice")).await;
-    client.next_frame().await;
+    let mut client = SseClient::connected(server.addr, &server.token("alice")).await;
     let addr = server.addr;
 
     server.stop().await;

@@ -198,6 +198,15 @@ impl SseClient {
         Self::from_response(open(addr, request("GET", path, Some(token), Bytes::new())).await)
     }
 
+    /// Connects and reads the connected frame, asserting it names the token's user.
+    pub async fn connected(addr: SocketAddr, token: &str) -> SseClient {
+        let mut client = Self::connect(addr, token).await;
+        assert_eq!(client.status, StatusCode::OK);
+        let first = client.next_frame().await.expect("the connected frame");
+        assert!(first.contains("\"type\":\"connected\""), "{first:?}");
+        client
+    }
+
     /// Wraps a response whose body is (or may be) an event stream.
     pub fn from_response(response: hyper::Response<Incoming>) -> SseClient {
         let (parts, body) = response.into_parts();
