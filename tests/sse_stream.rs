@@ -189,7 +189,7 @@ async fn a_client_that_goes_away_is_removed_from_the_index() {
     settings.keepalive = Duration::from_secs(1);
     let server = TestServer::start(settings).await;
     let mut staying = SseClient::connected(server.addr, &server.token("alice")).await;
-    let mut leaving = SseClient::connected(server.addr, &server.token("alice")).await;
+    let leaving = SseClient::connected(server.addr, &server.token("alice")).await;
     assert_eq!(server.state.streams.stream_count(), 2);
 
     drop(leaving);
