@@ -137,8 +137,9 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
             service_fn(move |request| {
                 let state = state.clone();
                 let disconnect = disconnect.clone();
-                // Boxed: the request's future lives only until its response head is ready, so
-                // a long-lived stream's connection does not keep room for it.
+                // Boxed here because hyper keeps its own box, sized for this future, for the
+                // connection's whole life; boxing makes that one pointer-sized and frees the
+                // request's state as soon as a stream's response head is ready.
                 Box::pin(async move {
                     Ok::<_, Infallible>(match at_capacity {
                         true => over_capacity_response(),
