@@ -123,7 +123,7 @@ impl StreamIndex {
         .expect("a retry field and data always encode");
         let id = self.next_stream_id.fetch_add(1, Ordering::Relaxed);
         let user: Arc<str> = Arc::from(user_id);
-        let (receiver, replayed) = {
+        let (queue, replayed) = {
             let mut state = self.lock();
             if state.closed {
                 return Err(StreamLimitError::ShuttingDown);
@@ -174,7 +174,7 @@ impl StreamIndex {
             user,
             id,
         };
-        Ok(SseBody::new(receiver, registration))
+        Ok(SseBody::new(queue, registration))
     }
 
     /// Gives the event an id, records it for its `user_id` and queues it on every stream of
