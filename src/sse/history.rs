@@ -10,15 +10,17 @@ use tokio::time::Instant;
 
 use crate::events::EventType;
 
-/// An event's id: the server's start time in ms (the epoch) and a sequence number after it.
+/// An event's id: a time in ms (the epoch) and a sequence number after it, ordered as a pair.
 ///
-/// Ids increase for the server's lifetime, and a restarted server has a later epoch, so an id
-/// is never reused. The text form `<epoch>-<seq>` is what clients send back.
+/// A single server's ids carry its start time and count up from 1, so a restarted server's ids
+/// are later and never reused. Ids taken from a Redis stream (`<ms>-<seq>`) have the same shape
+/// and order. The text form `<epoch>-<seq>` is what clients send back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EventId {
-    /// Milliseconds since the Unix epoch when the issuing server started.
+    /// Milliseconds since the Unix epoch: when the issuing server started, or when Redis
+    /// appended the event.
     pub epoch: u64,
-    /// Position in that server's publish order, from 1.
+    /// Position after `epoch`.
     pub seq: u64,
 }
 
@@ -84,59 +86,73 @@ pub struct Replay {
 /// Per-user history of recent events, bounded by [`HistoryLimits`].
 pub struct History {
     epoch: u64,
-    last_seq: u64,
+    last_id: EventId,
     limits: HistoryLimits,
     users: HashMap<Arc<str>, UserHistory>,
     /// Every retained event, oldest first, for global eviction by age, count and bytes.
     order: VecDeque<OrderEntry>,
     total_bytes: usize,
-    /// The newest seq forgotten for users whose whole history has gone since.
-    forgotten_through: u64,
+    /// The newest id forgotten for users whose whole history has gone since; before the
+    /// first event, the start of this history (what came before it is unknown).
+    forgotten_through: EventId,
 }
 
 struct UserHistory {
     events: VecDeque<RecordedEvent>,
-    /// The newest seq of this user that was forgotten.
-    evicted_through: u64,
+    /// The newest id of this user that was forgotten.
+    evicted_through: EventId,
 }
 
 struct OrderEntry {
     user: Arc<str>,
-    seq: u64,
+    id: EventId,
     recorded_at: Instant,
 }
 
 impl History {
-    /// An empty history whose ids carry `epoch`.
+    /// An empty history whose own ids carry `epoch`; any id before `epoch-0` is unknown to it.
     pub fn new(epoch: u64, limits: HistoryLimits) -> Self {
+        let start = EventId { epoch, seq: 0 };
         History {
             epoch,
-            last_seq: 0,
+            last_id: start,
             limits,
             users: HashMap::new(),
             order: VecDeque::new(),
             total_bytes: 0,
-            forgotten_through: 0,
+            forgotten_through: start,
         }
     }
 
-    /// The id the next event will get.
+    /// The id the next event will get when this history numbers events itself.
     pub fn next_id(&self) -> EventId {
-        EventId {
-            epoch: self.epoch,
-            seq: self.last_seq + 1,
+        if self.last_id.epoch < self.epoch {
+            EventId {
+                epoch: self.epoch,
+                seq: 1,
+            }
+        } else {
+            EventId {
+                epoch: self.last_id.epoch,
+                seq: self.last_id.seq + 1,
+            }
         }
     }
 
-    /// Records `event` (whose id must be [`History::next_id`]) for `user`, then evicts what the
-    /// limits no longer allow.
+    /// The newest id recorded (or the start of this history).
+    pub fn last_id(&self) -> EventId {
+        self.last_id
+    }
+
+    /// Records `event` (whose id must be later than [`History::last_id`]) for `user`, then
+    /// evicts what the limits no longer allow.
     pub fn record(&mut self, user: &Arc<str>, event: RecordedEvent, now: Instant) {
-        debug_assert_eq!(event.id, self.next_id());
-        self.last_seq = event.id.seq;
+        debug_assert!(event.id > self.last_id, "ids must increase");
+        self.last_id = event.id;
         self.total_bytes += retained_size(&event);
         self.order.push_back(OrderEntry {
             user: user.clone(),
-            seq: event.id.seq,
+            id: event.id,
             recorded_at: now,
         });
         // A user whose history was wholly forgotten may have lost events: start from the
@@ -152,7 +168,7 @@ impl History {
         history.events.push_back(event);
         if history.events.len() > self.limits.events_per_user {
             if let Some(oldest) = history.events.pop_front() {
-                history.evicted_through = oldest.id.seq;
+                history.evicted_through = oldest.id;
                 self.total_bytes -= retained_size(&oldest);
             }
         }
@@ -165,23 +181,19 @@ impl History {
         let Some(last) = EventId::parse(last_event_id) else {
             return Replay::default();
         };
-        if last.epoch != self.epoch || last.seq > self.last_seq {
+        if last > self.last_id {
             return Replay::default();
         }
         let Some(history) = self.users.get(user) else {
             return Replay {
-                complete: last.seq >= self.forgotten_through,
+                complete: last >= self.forgotten_through,
                 events: Vec::new(),
             };
         };
+        let first_missed = history.events.partition_point(|event| event.id <= last);
         Replay {
-            complete: last.seq >= history.evicted_through,
-            events: history
-                .events
-                .iter()
-                .filter(|event| event.id.seq > last.seq)
-                .cloned()
-                .collect(),
+            complete: last >= history.evicted_through,
+            events: history.events.range(first_missed..).cloned().collect(),
         }
     }
 
@@ -205,24 +217,20 @@ impl History {
             let Some(entry) = self.order.pop_front() else {
                 break;
             };
-            self.forget(&entry.user, entry.seq);
+            self.forget(&entry.user, entry.id);
         }
     }
 
-    /// Forgets the user's event `seq` if it is still retained (the per-user bound may have
+    /// Forgets the user's event `id` if it is still retained (the per-user bound may have
     /// dropped it already).
-    fn forget(&mut self, user: &Arc<str>, seq: u64) {
+    fn forget(&mut self, user: &Arc<str>, id: EventId) {
         let Some(history) = self.users.get_mut(user) else {
             return;
         };
-        if history
-            .events
-            .front()
-            .is_some_and(|event| event.id.seq == seq)
-        {
+        if history.events.front().is_some_and(|event| event.id == id) {
             if let Some(event) = history.events.pop_front() {
                 self.total_bytes -= retained_size(&event);
-                history.evicted_through = seq;
+                history.evicted_through = id;
             }
         }
         if history.events.is_empty() {
@@ -329,18 +337,58 @@ mod tests {
     }
 
     #[test]
-    fn ids_from_another_epoch_the_future_or_garbage_are_incomplete() {
+    fn ids_from_before_the_history_the_future_or_garbage_are_incomplete() {
         let now = Instant::now();
         let mut history = History::new(EPOCH, limits());
-        record(&mut history, "alice", now);
-        for id in [
-            format!("{}-1", EPOCH - 1),
-            format!("{EPOCH}-2"),
-            "garbage".to_owned(),
-        ] {
+        let only = record(&mut history, "alice", now);
+        // From before this history began: what it holds is replayed, but it may not be all.
+        let replay = history.since("alice", &format!("{}-1", EPOCH - 1), now);
+        assert!(!replay.complete);
+        assert_eq!(seqs(&replay), [only.seq]);
+        for id in [format!("{EPOCH}-2"), "garbage".to_owned()] {
             let replay = history.since("alice", &id, now);
             assert!(!replay.complete && replay.events.is_empty(), "{id}");
         }
+    }
+
+    #[test]
+    fn ids_given_from_outside_order_across_epochs() {
+        let now = Instant::now();
+        let mut history = History::new(EPOCH, limits());
+        let record_id = |history: &mut History, id: EventId| {
+            let event = RecordedEvent {
+                id,
+                event_type: EventType::COMPLETED,
+                frame: Bytes::from(format!("id: {id}\ndata: {{}}\n\n")),
+            };
+            history.record(&Arc::from("alice"), event, now);
+        };
+        // Redis stream ids: a later millisecond restarts the sequence at 0.
+        let first = EventId {
+            epoch: EPOCH + 5,
+            seq: 3,
+        };
+        let second = EventId {
+            epoch: EPOCH + 9,
+            seq: 0,
+        };
+        record_id(&mut history, first);
+        record_id(&mut history, second);
+        assert_eq!(history.last_id(), second);
+        assert_eq!(
+            history.next_id(),
+            EventId {
+                epoch: EPOCH + 9,
+                seq: 1
+            }
+        );
+        let replay = history.since("alice", &first.to_string(), now);
+        assert!(replay.complete);
+        assert_eq!(replay.events.len(), 1);
+        assert_eq!(replay.events[0].id, second);
+        let replay = history.since("alice", &format!("{}-7", EPOCH + 5), now);
+        assert!(replay.complete);
+        assert_eq!(replay.events.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
