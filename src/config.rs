@@ -53,6 +53,12 @@ pub const DEFAULT_MAX_JOBS: usize = 100_000;
 pub const MAX_CONTENT_BYTES: usize = 100 * 1024;
 /// Largest generate request body: the content, escaped, plus room for the other fields.
 pub const MAX_GENERATE_BODY_BYTES: usize = 8 * MAX_CONTENT_BYTES;
+/// The Redis stream events are appended to, unless `REDIS_STREAM` names another.
+pub const DEFAULT_REDIS_STREAM: &str = "artifact-events";
+/// Entries the Redis stream keeps (approximately: `XADD … MAXLEN ~`).
+pub const DEFAULT_REDIS_STREAM_MAX_LEN: usize = 100_000;
+/// Events kept for the other processes while Redis is unreachable.
+pub const DEFAULT_REDIS_OUTBOX_CAPACITY: usize = 100_000;
 /// Largest request head (request line and headers) accepted; larger ones get 431.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Largest `POST /ai/events/publish` body; larger ones get 413.
@@ -100,6 +106,21 @@ pub struct Config {
     pub retry_backoff: Duration,
     /// Jobs kept in memory (`MAX_JOBS`).
     pub max_jobs: usize,
+    /// Where events cross processes (`REDIS_URL`); `None` keeps them in this process.
+    pub redis: Option<RedisSettings>,
+}
+
+/// How events cross processes through Redis.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// The server, e.g. `redis://127.0.0.1:6379` (`REDIS_URL`).
+    pub url: String,
+    /// The stream's key (`REDIS_STREAM`); processes that share it share events.
+    pub stream_key: String,
+    /// Entries the stream keeps (`REDIS_STREAM_MAX_LEN`).
+    pub max_len: usize,
+    /// Events kept during an outage for the other processes (`REDIS_OUTBOX_CAPACITY`).
+    pub outbox_capacity: usize,
 }
 
 /// An environment variable with a value the server cannot use.
@@ -149,6 +170,7 @@ impl Config {
             job_timeout: Duration::from_secs(DEFAULT_JOB_TIMEOUT_SECS),
             retry_backoff: Duration::from_millis(DEFAULT_RETRY_BACKOFF_MS),
             max_jobs: DEFAULT_MAX_JOBS,
+            redis: None,
         }
     }
 
@@ -229,6 +251,17 @@ impl Config {
         }
         if let Some(max) = env_positive("MAX_JOBS")? {
             config.max_jobs = max;
+        }
+        if let Some(url) = env_value("REDIS_URL") {
+            config.redis = Some(RedisSettings {
+                url,
+                stream_key: env_value("REDIS_STREAM")
+                    .unwrap_or_else(|| DEFAULT_REDIS_STREAM.into()),
+                max_len: env_positive("REDIS_STREAM_MAX_LEN")?
+                    .unwrap_or(DEFAULT_REDIS_STREAM_MAX_LEN),
+                outbox_capacity: env_positive("REDIS_OUTBOX_CAPACITY")?
+                    .unwrap_or(DEFAULT_REDIS_OUTBOX_CAPACITY),
+            });
         }
         Ok(config)
     }

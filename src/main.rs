@@ -50,6 +50,10 @@ ENVIRONMENT:
     RETRY_BACKOFF_MS           pause before a retry                  [250]
     JOB_TIMEOUT_SECS           time one attempt may take             [60]
     MAX_JOBS                   jobs kept in memory (oldest finished forgotten first) [100000]
+    REDIS_URL                  share events with other processes through this Redis (feature redis) [none]
+    REDIS_STREAM               the Redis stream's key                [artifact-events]
+    REDIS_STREAM_MAX_LEN       entries the stream keeps (approximately) [100000]
+    REDIS_OUTBOX_CAPACITY      events kept for other processes while Redis is down [100000]
 ";
 
 /// Lifetime of tokens printed by `token` and by development mode.
@@ -148,6 +152,12 @@ fn serve(args: &[String]) -> Result<(), String> {
             print_development_banner(&config, addr);
         }
         let state = AppState::new(config, get_event_bus());
+        #[cfg(feature = "redis")]
+        state.connect_redis().await?;
+        #[cfg(not(feature = "redis"))]
+        if state.config.redis.is_some() {
+            return Err("REDIS_URL is set, but this build has no Redis support: build with `--features redis`".to_owned());
+        }
         server::run(listener, state, server::shutdown_signal()).await;
         Ok(())
     })

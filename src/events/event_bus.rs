@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::Poll;
 
 use serde_json::Value;
@@ -55,6 +55,31 @@ impl std::fmt::Debug for Handler {
     }
 }
 
+/// A boxed future, as [`Relay`] returns.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Carries events between processes (Redis). Once a bus has one, `publish` hands every event
+/// to it, and the relay calls [`EventBus::dispatch`] once for each event of any process.
+pub trait Relay: Send + Sync + 'static {
+    /// Sends the event on; resolves with how many local handlers ran, once they have.
+    fn forward(&self, event_type: EventType, event_data: Value) -> BoxFuture<'_, PublishResult>;
+}
+
+/// What [`EventBus::try_publish`] returns: how many local handlers ran, or why it failed.
+pub type PublishResult = Result<usize, PublishError>;
+
+/// A publish that could not reach every process; the message says what happened to the event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishError(pub String);
+
+impl std::fmt::Display for PublishError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PublishError {}
+
 /// Routes published events to the handlers subscribed to their type.
 #[derive(Default)]
 pub struct EventBus {
@@ -62,6 +87,8 @@ pub struct EventBus {
     /// `.await` or while a handler runs: `publish` clones the list out and unlocks first, so a
     /// handler may itself subscribe, unsubscribe or publish.
     handlers: Mutex<HashMap<EventType, Vec<Handler>>>,
+    /// Set once when events cross processes; without it, publishing is dispatching.
+    relay: OnceLock<Arc<dyn Relay>>,
 }
 
 impl EventBus {
@@ -93,9 +120,33 @@ impl EventBus {
 
     /// Runs every handler of `event_type` (and of [`EventType::ANY`]) concurrently and returns,
     /// with how many ran, when all have finished. A handler that panics is logged and skipped.
+    /// With a relay, the handlers of every process run; a relay failure is logged.
     pub async fn publish(&self, event_type: &EventType, event_data: Value) -> usize {
+        self.try_publish(event_type, event_data)
+            .await
+            .unwrap_or_else(|error| {
+                log::error!("publishing {event_type}: {error}");
+                0
+            })
+    }
+
+    /// Like [`EventBus::publish`], but says when the relay could not take the event.
+    pub async fn try_publish(&self, event_type: &EventType, event_data: Value) -> PublishResult {
+        match self.relay.get() {
+            Some(relay) => relay.forward(event_type.clone(), event_data).await,
+            None => Ok(self.dispatch(event_type, Arc::new(event_data)).await),
+        }
+    }
+
+    /// Makes `publish` go through `relay`; false if the bus already has one.
+    pub fn set_relay(&self, relay: Arc<dyn Relay>) -> bool {
+        self.relay.set(relay).is_ok()
+    }
+
+    /// Runs this process's handlers for an event, as `publish` does without a relay; relays
+    /// call it for each event they carry.
+    pub async fn dispatch(&self, event_type: &EventType, data: Arc<Value>) -> usize {
         let handlers = self.handlers_for(event_type);
-        let data = Arc::new(event_data);
         let mut running: Vec<CatchUnwind<HandlerFuture>> = Vec::with_capacity(handlers.len());
         for handler in &handlers {
             // Calling the handler can panic before it returns a future.

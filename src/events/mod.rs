@@ -1,8 +1,12 @@
 //! Event types and the process-wide event bus.
 
 mod event_bus;
+#[cfg(feature = "redis")]
+mod redis_relay;
 
-pub use event_bus::{EventBus, Handler};
+pub use event_bus::{BoxFuture, EventBus, Handler, PublishError, PublishResult, Relay};
+#[cfg(feature = "redis")]
+pub use redis_relay::RedisRelay;
 
 use std::borrow::Cow;
 use std::fmt;

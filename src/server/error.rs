@@ -28,6 +28,8 @@ pub enum ApiError {
     TooManyStreams(usize),
     /// 503: the server is at its connection limit or shutting down.
     Unavailable(&'static str),
+    /// 503: an event reached this process but not the others (Redis is unreachable).
+    NotRelayed(String),
     /// 500: a bug; details are in the server log, not the response.
     Internal,
 }
@@ -45,7 +47,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::NotRelayed(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -55,7 +57,8 @@ impl ApiError {
         match self {
             ApiError::BadRequest(text)
             | ApiError::Unprocessable(text)
-            | ApiError::Conflict(text) => text.clone(),
+            | ApiError::Conflict(text)
+            | ApiError::NotRelayed(text) => text.clone(),
             ApiError::Unauthorized(text) | ApiError::Forbidden(text) => (*text).to_owned(),
             ApiError::Unavailable(text) => (*text).to_owned(),
             ApiError::NotFound => "not found".to_owned(),
@@ -90,7 +93,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(allow) => {
                 headers.insert(ALLOW, HeaderValue::from_static(allow));
             }
-            ApiError::Unavailable(_) | ApiError::TooManyStreams(_) => {
+            ApiError::Unavailable(_) | ApiError::NotRelayed(_) | ApiError::TooManyStreams(_) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("5"));
             }
             _ => {}

@@ -84,6 +84,30 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// Makes events cross processes through the Redis in `config.redis`, if any: the stream
+    /// index then takes every event, and its id, from the Redis stream instead of the bus.
+    #[cfg(feature = "redis")]
+    pub async fn connect_redis(&self) -> Result<(), String> {
+        let Some(settings) = self.config.redis.clone() else {
+            return Ok(());
+        };
+        let any = crate::events::EventType::ANY;
+        self.bus.unsubscribe(&any, &self.stream_handler);
+        let history_events = self.config.history.total_events;
+        let started = crate::events::RedisRelay::start(
+            settings,
+            self.bus.clone(),
+            self.streams.clone(),
+            history_events,
+        )
+        .await;
+        started.map(drop).inspect_err(|_| {
+            self.bus.subscribe(any, self.stream_handler.clone());
+        })
+    }
+}
+
 impl Drop for AppState {
     fn drop(&mut self) {
         self.bus

@@ -139,6 +139,17 @@ impl History {
         }
     }
 
+    /// Starts this (still empty) history after `id`: ids up to it are unknown here, so a
+    /// replay from one of them is incomplete, and recorded ids must come after it.
+    pub fn resume_after(&mut self, id: EventId) {
+        debug_assert!(
+            self.order.is_empty(),
+            "only an empty history can move its start"
+        );
+        self.last_id = id;
+        self.forgotten_through = id;
+    }
+
     /// The newest id recorded (or the start of this history).
     pub fn last_id(&self) -> EventId {
         self.last_id

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::encoder::{self, Event, KEEPALIVE};
-use super::history::{History, HistoryLimits, RecordedEvent};
+use super::history::{EventId, History, HistoryLimits, RecordedEvent};
 use super::stream::{FrameQueue, QueueFull};
 use super::SseBody;
 use crate::events::{EventBus, EventType, Handler};
@@ -180,6 +180,43 @@ impl StreamIndex {
     /// Gives the event an id, records it for its `user_id` and queues it on every stream of
     /// that user; returns how many streams got it. Events without a string `user_id` go nowhere.
     pub fn deliver(&self, event_type: &EventType, event_data: &Value) -> usize {
+        self.deliver_as(event_type, event_data, None)
+    }
+
+    /// Delivers an event whose id was given elsewhere (by Redis, the same on every process).
+    /// An id not after the last one recorded (possible only after events were numbered
+    /// locally during a Redis outage) is replaced by the next local id, so nothing is dropped.
+    pub fn deliver_identified(
+        &self,
+        event_type: &EventType,
+        event_data: &Value,
+        id: EventId,
+    ) -> usize {
+        self.deliver_as(event_type, event_data, Some(id))
+    }
+
+    /// Records an event in the history without delivering or counting it: how a process
+    /// learns what other processes published before it started.
+    pub fn remember(&self, event_type: &EventType, event_data: &Value, id: EventId) {
+        if let Some(user_id) = event_data.get("user_id").and_then(Value::as_str) {
+            let data = event_data.to_string();
+            let mut state = self.lock();
+            record(&mut state, user_id, event_type, &data, Some(id));
+        }
+    }
+
+    /// Declares that events up to `id` are unknown here, before any is recorded; a replay
+    /// from an earlier id is then reported incomplete.
+    pub fn resume_after(&self, id: EventId) {
+        self.lock().history.resume_after(id);
+    }
+
+    /// The newest event id recorded.
+    pub fn last_event_id(&self) -> EventId {
+        self.lock().history.last_id()
+    }
+
+    fn deliver_as(&self, event_type: &EventType, event_data: &Value, id: Option<EventId>) -> usize {
         let Some(user_id) = event_data.get("user_id").and_then(Value::as_str) else {
             self.metrics.count_publish(event_type, 0, 0);
             return 0;
@@ -189,23 +226,7 @@ impl StreamIndex {
         {
             let mut state = self.lock();
             let state = &mut *state;
-            let id = state.history.next_id();
-            let frame = encoder::encode(&Event {
-                id: Some(&id.to_string()),
-                data: &data,
-                ..Event::default()
-            })
-            .expect("numeric ids and data always encode");
-            let user = match state.by_user.get_key_value(user_id) {
-                Some((user, _)) => user.clone(),
-                None => Arc::from(user_id),
-            };
-            let recorded = RecordedEvent {
-                id,
-                event_type: event_type.clone(),
-                frame: frame.clone(),
-            };
-            state.history.record(&user, recorded, Instant::now());
+            let frame = record(state, user_id, event_type, &data, id);
             if let Some(streams) = state.by_user.get_mut(user_id) {
                 streams.retain(|stream| match stream.frames.push(frame.clone()) {
                     Ok(()) => {
@@ -292,6 +313,37 @@ impl StreamIndex {
         // Nothing panics while holding the lock, so a poisoned map is still consistent.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Encodes the event's frame once under its id (`id`, or the next local one) and records it.
+fn record(
+    state: &mut IndexState,
+    user_id: &str,
+    event_type: &EventType,
+    data: &str,
+    id: Option<EventId>,
+) -> Bytes {
+    let id = match id {
+        Some(id) if id > state.history.last_id() => id,
+        _ => state.history.next_id(),
+    };
+    let frame = encoder::encode(&Event {
+        id: Some(&id.to_string()),
+        data,
+        ..Event::default()
+    })
+    .expect("numeric ids and data always encode");
+    let user = match state.by_user.get_key_value(user_id) {
+        Some((user, _)) => user.clone(),
+        None => Arc::from(user_id),
+    };
+    let recorded = RecordedEvent {
+        id,
+        event_type: event_type.clone(),
+        frame: frame.clone(),
+    };
+    state.history.record(&user, recorded, Instant::now());
+    frame
 }
 
 /// A stream's place in the index, given up when the stream's body is dropped.

@@ -117,7 +117,11 @@ pub(in crate::server) async fn publish(
             ))
         }
     };
-    let handlers = state.bus.publish(&event_type, event_data).await;
+    let handlers = state
+        .bus
+        .try_publish(&event_type, event_data)
+        .await
+        .map_err(|error| ApiError::NotRelayed(error.to_string()))?;
     Ok(json_response(
         StatusCode::ACCEPTED,
         &json!({"status": "published", "event_type": event_type.as_str(), "handlers": handlers}),

@@ -1,0 +1,386 @@
+//! Events across processes: every publish is appended to one Redis stream, and every process
+//! reads that stream and delivers each entry to its own streams and handlers, under the
+//! entry's Redis id, so ids (and `Last-Event-ID` replay) are the same on every process.
+//!
+//! When Redis is unreachable, publishing goes on locally: the event is delivered to this
+//! process at once (under a local id) and kept in a bounded outbox, which is appended to
+//! Redis when it is back, for the other processes; this process skips those entries when it
+//! reads them back. A publish that finds the outbox full is still delivered locally but
+//! reported as an error, since the other processes will never see it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
+use redis::{AsyncConnectionConfig, Client, RedisError};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use super::{BoxFuture, EventBus, EventType, PublishError, PublishResult, Relay};
+use crate::config::RedisSettings;
+use crate::log;
+use crate::sse::{EventId, StreamIndex};
+
+/// How long one `XREAD` blocks before asking again; also how soon a silent outage is noticed.
+const READ_BLOCK: Duration = Duration::from_millis(1000);
+/// Entries taken per `XREAD`.
+const READ_BATCH: usize = 1024;
+/// Time allowed to connect, and for a command other than the blocking read to answer.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a publisher waits to see its event come back from Redis and run here.
+const PUBLISH_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reconnection backoff after an outage: from the first delay, doubling up to the last.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+/// The Redis side of an [`EventBus`]; see the module documentation.
+pub struct RedisRelay {
+    client: Client,
+    settings: RedisSettings,
+    /// Marks this process's entries, so it can match them to waiting publishers and skip the
+    /// ones it already delivered during an outage.
+    origin: String,
+    bus: Arc<EventBus>,
+    streams: Arc<StreamIndex>,
+    /// The connection publishers append with; `None` while Redis is unreachable.
+    writer: Mutex<Option<MultiplexedConnection>>,
+    /// Whether Redis is unreachable, and what was published meanwhile; one lock, so no
+    /// publish lands between flushing the outbox and going back to Redis.
+    outage: Mutex<Outage>,
+    next_publish: AtomicU64,
+    /// Publishers waiting for their entry to be read back and dispatched here.
+    waiting: Mutex<HashMap<u64, oneshot::Sender<usize>>>,
+}
+
+#[derive(Default)]
+struct Outage {
+    down: bool,
+    outbox: VecDeque<(EventType, String)>,
+}
+
+impl RedisRelay {
+    /// Connects to Redis, loads the stream's recent events into `streams`' replay history,
+    /// makes `bus` publish through Redis, and starts reading. Fails if Redis is unreachable.
+    pub async fn start(
+        settings: RedisSettings,
+        bus: Arc<EventBus>,
+        streams: Arc<StreamIndex>,
+        history_events: usize,
+    ) -> Result<Arc<RedisRelay>, String> {
+        let client = Client::open(settings.url.as_str())
+            .map_err(|error| format!("REDIS_URL {}: {error}", settings.url))?;
+        let relay = Arc::new(RedisRelay {
+            client,
+            origin: crate::random::hex_token(8),
+            bus: bus.clone(),
+            streams,
+            writer: Mutex::new(None),
+            outage: Mutex::new(Outage::default()),
+            next_publish: AtomicU64::new(0),
+            waiting: Mutex::new(HashMap::new()),
+            settings,
+        });
+        let unreachable =
+            |error: RedisError| format!("Redis at {} is unreachable: {error}", relay.settings.url);
+        let mut writer = relay.connect(COMMAND_TIMEOUT).await.map_err(unreachable)?;
+        let reader = relay
+            .connect(COMMAND_TIMEOUT + READ_BLOCK)
+            .await
+            .map_err(unreachable)?;
+        let last_read = relay
+            .load_history(&mut writer, history_events)
+            .await
+            .map_err(unreachable)?;
+        *lock(&relay.writer) = Some(writer);
+        if !bus.set_relay(relay.clone()) {
+            return Err("the event bus already has a relay".to_owned());
+        }
+        log::info!(
+            "events cross processes through Redis stream {:?} at {}",
+            relay.settings.stream_key,
+            relay.settings.url
+        );
+        tokio::spawn(relay.clone().read_loop(reader, last_read));
+        Ok(relay)
+    }
+
+    async fn connect(
+        &self,
+        response_timeout: Duration,
+    ) -> Result<MultiplexedConnection, RedisError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(response_timeout));
+        self.client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+    }
+
+    /// Records the stream's newest events (up to what the history keeps) so that replay works
+    /// for clients coming from another process; returns the id to read on from.
+    async fn load_history(
+        &self,
+        connection: &mut MultiplexedConnection,
+        history_events: usize,
+    ) -> Result<String, RedisError> {
+        let count = history_events.min(self.settings.max_len);
+        let reply: StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(&self.settings.stream_key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(connection)
+            .await?;
+        let Some(newest) = reply.ids.first().map(|entry| entry.id.clone()) else {
+            return Ok("0-0".to_owned());
+        };
+        if let Some(oldest) = reply.ids.last().and_then(|entry| EventId::parse(&entry.id)) {
+            // Older entries may have been trimmed: a replay from before the oldest loaded one
+            // cannot be known complete.
+            self.streams.resume_after(just_before(oldest));
+        }
+        for entry in reply.ids.iter().rev() {
+            if let Some((event_type, data, id)) = decode(entry) {
+                self.streams.remember(&event_type, &data, id);
+            }
+        }
+        Ok(newest)
+    }
+
+    /// Reads the stream for as long as the process runs, through outages.
+    async fn read_loop(self: Arc<Self>, mut reader: MultiplexedConnection, mut last_read: String) {
+        let mut backoff = BACKOFF.0;
+        loop {
+            match self.read_batch(&mut reader, &mut last_read).await {
+                Ok(()) => backoff = BACKOFF.0,
+                Err(error) => {
+                    self.enter_outage(&error);
+                    loop {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(BACKOFF.1);
+                        match self.recover().await {
+                            Ok(connection) => {
+                                reader = connection;
+                                break;
+                            }
+                            Err(error) => log::debug!("Redis still unreachable: {error}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn read_batch(
+        &self,
+        reader: &mut MultiplexedConnection,
+        last_read: &mut String,
+    ) -> Result<(), RedisError> {
+        let reply: Option<StreamReadReply> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(READ_BATCH)
+            .arg("BLOCK")
+            .arg(READ_BLOCK.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&self.settings.stream_key)
+            .arg(last_read.as_str())
+            .query_async(reader)
+            .await?;
+        for entry in reply
+            .into_iter()
+            .flat_map(|reply| reply.keys)
+            .flat_map(|key| key.ids)
+        {
+            last_read.clone_from(&entry.id);
+            self.dispatch_entry(&entry).await;
+        }
+        Ok(())
+    }
+
+    /// Delivers one entry read from the stream, unless this process delivered it already.
+    async fn dispatch_entry(&self, entry: &StreamId) {
+        let origin: Option<String> = entry.get("origin");
+        let ours = origin.as_deref() == Some(self.origin.as_str());
+        if ours && entry.get::<String>("local").is_some() {
+            return;
+        }
+        let Some((event_type, data, id)) = decode(entry) else {
+            log::warning!("skipping malformed Redis stream entry {}", entry.id);
+            return;
+        };
+        self.streams.deliver_identified(&event_type, &data, id);
+        let handlers = self.bus.dispatch(&event_type, Arc::new(data)).await;
+        if ours {
+            if let Some(number) = entry.get::<u64>("publish") {
+                if let Some(waiter) = lock(&self.waiting).remove(&number) {
+                    let _ = waiter.send(handlers);
+                }
+            }
+        }
+    }
+
+    fn enter_outage(&self, error: &RedisError) {
+        let mut outage = lock(&self.outage);
+        if !outage.down {
+            outage.down = true;
+            log::error!(
+                "Redis at {} is unreachable ({error}): delivering events locally and keeping them for the other processes until it is back",
+                self.settings.url
+            );
+        }
+        drop(outage);
+        *lock(&self.writer) = None;
+        // Publishers waiting for a confirmation will not get one from this connection.
+        lock(&self.waiting).clear();
+    }
+
+    /// Reconnects, appends the outbox, and ends the outage; returns a new reading connection.
+    async fn recover(&self) -> Result<MultiplexedConnection, RedisError> {
+        let mut writer = self.connect(COMMAND_TIMEOUT).await?;
+        let reader = self.connect(COMMAND_TIMEOUT + READ_BLOCK).await?;
+        let mut flushed = 0;
+        loop {
+            let next = {
+                let mut outage = lock(&self.outage);
+                match outage.outbox.front().cloned() {
+                    Some(pending) => pending,
+                    None => {
+                        outage.down = false;
+                        *lock(&self.writer) = Some(writer);
+                        break;
+                    }
+                }
+            };
+            self.append(&mut writer, &next.0, &next.1, None).await?;
+            lock(&self.outage).outbox.pop_front();
+            flushed += 1;
+        }
+        log::info!(
+            "Redis at {} is back: appended the {flushed} events published meanwhile",
+            self.settings.url
+        );
+        Ok(reader)
+    }
+
+    /// `XADD`s one event; `publish` numbers a live publish, `None` marks an event this process
+    /// already delivered itself.
+    async fn append(
+        &self,
+        connection: &mut MultiplexedConnection,
+        event_type: &EventType,
+        data: &str,
+        publish: Option<u64>,
+    ) -> Result<String, RedisError> {
+        let mut command = redis::cmd("XADD");
+        command
+            .arg(&self.settings.stream_key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.settings.max_len)
+            .arg("*")
+            .arg("type")
+            .arg(event_type.as_str())
+            .arg("data")
+            .arg(data)
+            .arg("origin")
+            .arg(&self.origin);
+        match publish {
+            Some(number) => command.arg("publish").arg(number),
+            None => command.arg("local").arg(1),
+        };
+        command.query_async(connection).await
+    }
+
+    async fn publish(&self, event_type: EventType, event_data: Value) -> PublishResult {
+        let data = event_data.to_string();
+        let writer = lock(&self.writer).clone();
+        let Some(mut writer) = writer.filter(|_| !lock(&self.outage).down) else {
+            return self.publish_locally(event_type, event_data, data).await;
+        };
+        let number = self.next_publish.fetch_add(1, Ordering::Relaxed);
+        let (confirmed, confirmation) = oneshot::channel();
+        lock(&self.waiting).insert(number, confirmed);
+        if let Err(error) = self
+            .append(&mut writer, &event_type, &data, Some(number))
+            .await
+        {
+            lock(&self.waiting).remove(&number);
+            self.enter_outage(&error);
+            return self.publish_locally(event_type, event_data, data).await;
+        }
+        match tokio::time::timeout(PUBLISH_CONFIRM_TIMEOUT, confirmation).await {
+            Ok(Ok(handlers)) => Ok(handlers),
+            _ => {
+                lock(&self.waiting).remove(&number);
+                Err(PublishError(format!(
+                    "{event_type} was appended to Redis but not read back within {PUBLISH_CONFIRM_TIMEOUT:?}; it is delivered if Redis kept it"
+                )))
+            }
+        }
+    }
+
+    /// Delivers here at once and keeps the event for the other processes.
+    async fn publish_locally(
+        &self,
+        event_type: EventType,
+        event_data: Value,
+        data: String,
+    ) -> PublishResult {
+        let kept = {
+            let mut outage = lock(&self.outage);
+            if outage.outbox.len() < self.settings.outbox_capacity {
+                outage.outbox.push_back((event_type.clone(), data));
+                true
+            } else {
+                false
+            }
+        };
+        self.streams.deliver(&event_type, &event_data);
+        let handlers = self.bus.dispatch(&event_type, Arc::new(event_data)).await;
+        if kept {
+            Ok(handlers)
+        } else {
+            Err(PublishError(format!(
+                "Redis is unreachable and the outbox is full ({} events): {event_type} was delivered on this process only",
+                self.settings.outbox_capacity
+            )))
+        }
+    }
+}
+
+impl Relay for RedisRelay {
+    fn forward(&self, event_type: EventType, event_data: Value) -> BoxFuture<'_, PublishResult> {
+        Box::pin(self.publish(event_type, event_data))
+    }
+}
+
+/// The type, data and id of a stream entry, if it is one of ours.
+fn decode(entry: &StreamId) -> Option<(EventType, Value, EventId)> {
+    let event_type: String = entry.get("type")?;
+    let data: String = entry.get("data")?;
+    let data = serde_json::from_str(&data).ok()?;
+    Some((
+        EventType::from(event_type),
+        data,
+        EventId::parse(&entry.id)?,
+    ))
+}
+
+/// The greatest id before `id`.
+fn just_before(id: EventId) -> EventId {
+    match id.seq {
+        0 => EventId {
+            epoch: id.epoch.saturating_sub(1),
+            seq: u64::MAX,
+        },
+        seq => EventId { seq: seq - 1, ..id },
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while these locks are held, so a poisoned value is still consistent.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
