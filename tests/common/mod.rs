@@ -1,6 +1,7 @@
 //! Shared helpers: a real server on 127.0.0.1:0 and HTTP/SSE clients over real TCP.
 #![allow(dead_code)] // each test binary uses a different subset
 
+use std::io::BufRead;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -285,4 +286,108 @@ impl SseClient {
             return (id, serde_json::from_str(&data).unwrap());
         }
     }
+}
+
+/// The real binary, started as a user would, on an ephemeral port.
+pub struct RunningServer {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    log: std::sync::mpsc::Receiver<String>,
+}
+
+impl RunningServer {
+    /// Starts the binary with `env` on top of a test secret; returns once it listens.
+    pub fn start(env: &[(&str, &str)]) -> RunningServer {
+        let mut child = std::process::Command::new(BINARY)
+            .env("ADDR", "127.0.0.1:0")
+            .env("JWT_SECRET", SECRET)
+            .envs(env.iter().copied())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let addr = loop {
+            let mut line = String::new();
+            assert!(
+                stderr.read_line(&mut line).unwrap() > 0,
+                "server exited before listening"
+            );
+            if let Some(addr) = line.trim().split("listening on http://").nth(1) {
+                break addr.parse().unwrap();
+            }
+        };
+        let (sender, log) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = sender.send(line);
+            }
+        });
+        RunningServer { child, addr, log }
+    }
+
+    /// Sends SIGTERM and waits (at most 5 s) for the exit; returns the status and the log.
+    pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let started = std::time::Instant::now();
+        let exit = loop {
+            if let Some(exit) = self.child.try_wait().unwrap() {
+                break exit;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "server did not exit within 5 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        (exit, self.log.try_iter().collect::<Vec<_>>().join("\n"))
+    }
+
+    /// Kills the process with SIGKILL, as a crash would, and waits for it.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// The log lines printed so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.try_iter().collect()
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The server binary the tests run.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_artifact-events");
+
+/// A token for `user_id` signed with the test secret.
+pub fn user_token(user_id: &str) -> String {
+    artifact_events::server::Authenticator::new(SECRET.as_bytes(), jsonwebtoken::Algorithm::HS256)
+        .issue(user_id, false, Duration::from_secs(600))
+}
+
+/// A publisher token signed with the test secret.
+pub fn publisher_token() -> String {
+    artifact_events::server::Authenticator::new(SECRET.as_bytes(), jsonwebtoken::Algorithm::HS256)
+        .issue("publisher", true, Duration::from_secs(600))
+}
+
+/// Publishes over HTTP to `addr` as a publisher and returns the reply.
+pub async fn publish_to(addr: SocketAddr, event_type: &str, event_data: Value) -> Reply {
+    let body = serde_json::json!({"event_type": event_type, "event_data": event_data}).to_string();
+    let token = publisher_token();
+    send(
+        addr,
+        request("POST", "/ai/events/publish", Some(&token), body),
+    )
+    .await
 }

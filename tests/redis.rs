@@ -1,0 +1,361 @@
+//! Events across processes through a real Redis: server processes (the real binary) sharing
+//! one Redis stream, replay across processes, and Redis going away in the middle of a run.
+//!
+//! Uses the Redis at `REDIS_URL` (as `.ci/run` starts one) for the tests that leave Redis
+//! alone, and starts private `redis-server` processes for the ones that stop it.
+#![cfg(feature = "redis")]
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use artifact_events::config::RedisSettings;
+use artifact_events::{EventBus, EventType, Handler};
+use common::{publish_to, user_token, RunningServer, SseClient, TestServer, PATIENCE};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+/// A `redis-server` of this test's own, on a free loopback port, killed when dropped.
+struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = RedisServer { port, child: None };
+        redis.restart();
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port, without persistence: a restart loses the stream.
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (apt-get install redis-server; .ci/run does)");
+        self.child = Some(child);
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(started.elapsed() < PATIENCE, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The shared Redis from `REDIS_URL`, or a private one when none is given.
+fn shared_redis() -> (String, Option<RedisServer>) {
+    match std::env::var("REDIS_URL") {
+        Ok(url) if !url.is_empty() => (url, None),
+        _ => {
+            let redis = RedisServer::start();
+            (redis.url(), Some(redis))
+        }
+    }
+}
+
+/// A stream key no other test (or earlier run) uses.
+fn fresh_stream_key() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "artifact-events-test-{}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+fn start_process(url: &str, stream: &str, extra: &[(&str, &str)]) -> RunningServer {
+    let mut env = vec![("REDIS_URL", url), ("REDIS_STREAM", stream)];
+    env.extend_from_slice(extra);
+    RunningServer::start(&env)
+}
+
+async fn publish(addr: SocketAddr, user: &str, n: u64) {
+    let reply = publish_to(addr, "artifact.completed", json!({"user_id": user, "n": n})).await;
+    assert_eq!(reply.status, 202, "body: {:?}", reply.body);
+}
+
+/// Reads `count` events; returns their ids and `n`s, in arrival order.
+async fn read_events(client: &mut SseClient, count: usize) -> Vec<(String, u64)> {
+    let mut events = Vec::new();
+    while events.len() < count {
+        let (id, data) = tokio::time::timeout(PATIENCE, client.next_event_with_id())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "only {} of {count} events arrived: {events:?}",
+                    events.len()
+                )
+            });
+        let n = data["n"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("not a test event: {data}"));
+        events.push((id.expect("every event has an id"), n));
+    }
+    events
+}
+
+/// Asserts nothing more arrives for a moment (a duplicate would).
+async fn assert_quiet(client: &mut SseClient) {
+    match client.next_frame_within(Duration::from_millis(300)).await {
+        Err(()) => {}
+        Ok(frame) => assert!(
+            frame.as_deref().is_some_and(|frame| frame.starts_with(':')),
+            "unexpected frame: {frame:?}"
+        ),
+    }
+}
+
+#[tokio::test]
+async fn a_client_on_one_process_gets_what_another_published_once_in_order_with_the_same_ids() {
+    let (url, _redis) = shared_redis();
+    let stream = fresh_stream_key();
+    let a = start_process(&url, &stream, &[]);
+    let b = start_process(&url, &stream, &[]);
+    let mut alice_on_a = SseClient::connected(a.addr, &user_token("alice")).await;
+    let mut alice_on_b = SseClient::connected(b.addr, &user_token("alice")).await;
+    let mut bob_on_b = SseClient::connected(b.addr, &user_token("bob")).await;
+
+    for n in 0..40 {
+        let via = if n % 2 == 0 { a.addr } else { b.addr };
+        let user = if n % 4 < 3 { "alice" } else { "bob" };
+        publish(via, user, n).await;
+    }
+
+    let alice_expected: Vec<u64> = (0..40).filter(|n| n % 4 < 3).collect();
+    let on_a = read_events(&mut alice_on_a, alice_expected.len()).await;
+    let on_b = read_events(&mut alice_on_b, alice_expected.len()).await;
+    assert_eq!(on_a.iter().map(|e| e.1).collect::<Vec<_>>(), alice_expected);
+    assert_eq!(
+        on_a, on_b,
+        "both processes deliver the same events under the same ids"
+    );
+    let bob = read_events(&mut bob_on_b, 10).await;
+    assert_eq!(
+        bob.iter().map(|e| e.1).collect::<Vec<_>>(),
+        (0..40).filter(|n| n % 4 == 3).collect::<Vec<_>>()
+    );
+    assert_quiet(&mut alice_on_a).await;
+    assert_quiet(&mut alice_on_b).await;
+    assert_quiet(&mut bob_on_b).await;
+}
+
+#[tokio::test]
+async fn a_client_resumes_on_another_process_with_last_event_id() {
+    let (url, _redis) = shared_redis();
+    let stream = fresh_stream_key();
+    let a = start_process(&url, &stream, &[]);
+    let b = start_process(&url, &stream, &[]);
+    let token = user_token("alice");
+    let mut on_a = SseClient::connected(a.addr, &token).await;
+    for n in 0..5 {
+        publish(a.addr, "alice", n).await;
+    }
+    let seen = read_events(&mut on_a, 5).await;
+    drop(on_a);
+    for n in 5..10 {
+        publish(a.addr, "alice", n).await;
+    }
+    let last_id = seen.last().unwrap().0.clone();
+
+    // To the other process, and to one started after all of it (which learns from Redis).
+    let c = start_process(&url, &stream, &[]);
+    for addr in [b.addr, c.addr] {
+        let path = "/ai/artifact/events/stream";
+        let mut request = common::request("GET", path, Some(&token), "");
+        request
+            .headers_mut()
+            .insert("last-event-id", last_id.parse().unwrap());
+        let mut resumed = SseClient::from_response(common::open(addr, request).await);
+        assert!(resumed.next_frame().await.unwrap().contains("connected"));
+        let replayed = read_events(&mut resumed, 5).await;
+        assert_eq!(
+            replayed.iter().map(|e| e.1).collect::<Vec<_>>(),
+            [5, 6, 7, 8, 9],
+            "exactly the missed events, without replay_incomplete"
+        );
+        assert!(replayed.iter().all(|(id, _)| *id > last_id));
+        assert_quiet(&mut resumed).await;
+    }
+}
+
+#[tokio::test]
+async fn in_process_subscribers_on_every_process_see_each_event_once() {
+    let (url, _redis) = shared_redis();
+    let stream = fresh_stream_key();
+    let mut servers = Vec::new();
+    let mut received = Vec::new();
+    for _ in 0..2 {
+        let mut config = common::config();
+        config.redis = Some(RedisSettings {
+            url: url.clone(),
+            stream_key: stream.clone(),
+            max_len: 1000,
+            outbox_capacity: 1000,
+        });
+        let server = TestServer::start(config).await;
+        server.state.connect_redis().await.unwrap();
+        let (sender, events) = mpsc::unbounded_channel::<Value>();
+        let handler = Handler::new(move |data: Arc<Value>| {
+            let _ = sender.send((*data).clone());
+            async {}
+        });
+        server.state.bus.subscribe(EventType::COMPLETED, handler);
+        servers.push(server);
+        received.push(events);
+    }
+    let bus: &EventBus = &servers[0].state.bus;
+    for n in 0..10 {
+        // Publish waits until this process's handlers ran.
+        assert_eq!(
+            bus.try_publish(&EventType::COMPLETED, json!({"user_id": "u", "n": n}))
+                .await,
+            Ok(1)
+        );
+    }
+    publish(servers[1].addr, "u", 10).await;
+    for events in &mut received {
+        for n in 0..=10 {
+            let event = tokio::time::timeout(PATIENCE, events.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(event["n"], n);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(events.try_recv().is_err(), "an event arrived twice");
+    }
+}
+
+#[tokio::test]
+async fn a_redis_restart_during_a_publishing_run_loses_and_duplicates_nothing() {
+    let mut redis = RedisServer::start();
+    let stream = fresh_stream_key();
+    let a = start_process(&redis.url(), &stream, &[]);
+    let b = start_process(&redis.url(), &stream, &[]);
+    let token = user_token("alice");
+    let mut on_a = SseClient::connected(a.addr, &token).await;
+    let mut on_b = SseClient::connected(b.addr, &token).await;
+
+    const EVENTS: u64 = 120;
+    for n in 0..EVENTS {
+        if n == 40 {
+            redis.stop();
+        }
+        if n == 80 {
+            redis.restart();
+        }
+        publish(if n % 2 == 0 { a.addr } else { b.addr }, "alice", n).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    for (name, client) in [("a", &mut on_a), ("b", &mut on_b)] {
+        let events = read_events(client, EVENTS as usize).await;
+        let distinct: HashSet<u64> = events.iter().map(|e| e.1).collect();
+        assert_eq!(
+            distinct.len(),
+            EVENTS as usize,
+            "{name} got duplicates: {events:?}"
+        );
+        // Each process's own publishes keep their order, across the outage too.
+        for parity in [0, 1] {
+            let own: Vec<u64> = events
+                .iter()
+                .map(|e| e.1)
+                .filter(|n| n % 2 == parity)
+                .collect();
+            assert!(own.windows(2).all(|w| w[0] < w[1]), "{name}: {own:?}");
+        }
+        assert_quiet(client).await;
+    }
+    // Events published after the recovery are shared again under Redis ids.
+    publish(a.addr, "alice", EVENTS).await;
+    let after_a = read_events(&mut on_a, 1).await;
+    let after_b = read_events(&mut on_b, 1).await;
+    assert_eq!(after_a, after_b);
+    let logs = a.log_lines().join("\n");
+    assert!(logs.contains("is unreachable"), "{logs}");
+    assert!(logs.contains("is back"), "{logs}");
+}
+
+#[tokio::test]
+async fn publishes_beyond_the_outbox_during_an_outage_are_reported_to_the_publisher() {
+    let mut redis = RedisServer::start();
+    let stream = fresh_stream_key();
+    let a = start_process(&redis.url(), &stream, &[("REDIS_OUTBOX_CAPACITY", "3")]);
+    let mut on_a = SseClient::connected(a.addr, &user_token("alice")).await;
+    redis.stop();
+
+    let mut statuses = Vec::new();
+    for n in 0..5 {
+        let reply = publish_to(
+            a.addr,
+            "artifact.completed",
+            json!({"user_id": "alice", "n": n}),
+        )
+        .await;
+        if reply.status == 503 {
+            let error = reply.expect_error(hyper::StatusCode::SERVICE_UNAVAILABLE);
+            assert!(error.contains("outbox is full"), "{error}");
+        }
+        statuses.push(reply.status.as_u16());
+    }
+    assert_eq!(statuses, [202, 202, 202, 503, 503]);
+    let local = read_events(&mut on_a, 5).await;
+    assert_eq!(
+        local.iter().map(|e| e.1).collect::<Vec<_>>(),
+        [0, 1, 2, 3, 4],
+        "this process still delivers every event locally"
+    );
+}
+
+#[test]
+fn a_server_whose_redis_is_unreachable_refuses_to_start_and_says_why() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let output = Command::new(common::BINARY)
+        .env("JWT_SECRET", common::SECRET)
+        .env("ADDR", "127.0.0.1:0")
+        .env("REDIS_URL", format!("redis://127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("is unreachable"), "{stderr}");
+}
