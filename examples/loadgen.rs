@@ -10,6 +10,8 @@
 //!   ramp     --streams C --users U --connections K     highest delivered events/s with p99 ≤ 100 ms
 //!   stalled  --streams C --events E --connections K    RSS growth with C clients that never read
 //! ```
+//! `--publish-addr` sends the publishes to another server than the streams' `--addr` (two
+//! processes sharing one Redis: the latency is then cross-process).
 //! Tokens are signed with `JWT_SECRET`, like the server's. `--pid` lets it read the server's
 //! RSS (`/proc/PID/status`) and CPU time (`/proc/PID/task/*/schedstat`).
 
@@ -38,6 +40,7 @@ const RAMP_P99_LIMIT: Duration = Duration::from_millis(100);
 
 struct Options {
     addr: SocketAddr,
+    publish_addr: SocketAddr,
     pid: Option<u32>,
     values: HashMap<String, String>,
     auth: Authenticator,
@@ -74,12 +77,16 @@ async fn main() {
         );
     }
     let secret = std::env::var("JWT_SECRET").expect("JWT_SECRET must be the server's secret");
+    let addr: SocketAddr = values
+        .remove("addr")
+        .unwrap_or_else(|| "127.0.0.1:8000".into())
+        .parse()
+        .expect("--addr");
     let options = Options {
-        addr: values
-            .remove("addr")
-            .unwrap_or_else(|| "127.0.0.1:8000".into())
-            .parse()
-            .expect("--addr"),
+        addr,
+        publish_addr: values
+            .remove("publish-addr")
+            .map_or(addr, |value| value.parse().expect("--publish-addr")),
         pid: values.remove("pid").map(|pid| pid.parse().expect("--pid")),
         values,
         auth: Authenticator::new(secret.as_bytes(), Algorithm::HS256),
@@ -453,7 +460,9 @@ struct Publisher {
 
 impl Publisher {
     async fn connect(options: &Options) -> Publisher {
-        let stream = TcpStream::connect(options.addr).await.expect("connect");
+        let stream = TcpStream::connect(options.publish_addr)
+            .await
+            .expect("connect");
         stream.set_nodelay(true).unwrap();
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
