@@ -359,3 +359,44 @@ fn a_server_whose_redis_is_unreachable_refuses_to_start_and_says_why() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("is unreachable"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_job_run_by_one_process_is_announced_to_its_owner_on_another() {
+    let (url, _redis) = shared_redis();
+    let stream = fresh_stream_key();
+    let a = start_process(&url, &stream, &[]);
+    let b = start_process(&url, &stream, &[]);
+    let token = user_token("alice");
+    let mut on_b = SseClient::connected(b.addr, &token).await;
+    let content = "Mitochondria are the organelles that produce most of a cell's energy. \
+        They convert glucose and oxygen into adenosine triphosphate through cellular respiration. \
+        Each mitochondrion has its own circular DNA, inherited from the mother. \
+        The inner membrane folds into cristae, which increase the surface for the electron transport chain. \
+        Ribosomes inside the matrix build some of the proteins the organelle needs.";
+    let body = json!({"notebook_id": "nb1", "artifact_type": "summary", "content": content});
+    let reply = common::send(
+        a.addr,
+        common::request(
+            "POST",
+            "/ai/artifact/generate",
+            Some(&token),
+            body.to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, 202, "{:?}", reply.body);
+    let job_id = reply.json()["job_id"].as_str().unwrap().to_owned();
+    let completed = loop {
+        let event = tokio::time::timeout(PATIENCE, on_b.next_event())
+            .await
+            .expect("the job's events reach the other process");
+        assert_eq!(event["job_id"], job_id.as_str());
+        if event.get("result").is_some() {
+            break event;
+        }
+    };
+    assert_eq!(completed["user_id"], "alice");
+    assert!(completed["result"]["summary"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
+}
