@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use http_body_util::Either;
 use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, COOKIE};
-use hyper::{Request, Response, StatusCode};
+use hyper::{HeaderMap, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
@@ -45,6 +45,9 @@ pub(in crate::server) fn stream(
             StreamLimitError::ShuttingDown => ApiError::Unavailable("server is shutting down"),
         })?;
     let mut response = Response::new(Either::Right(body));
+    // hyper keeps a connection's last response header map for reuse, for as long as the
+    // stream is open: sized for these three headers it holds about 300 bytes, not 600.
+    *response.headers_mut() = HeaderMap::with_capacity(3);
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
