@@ -311,15 +311,15 @@ impl RedisRelay {
             self.enter_outage(&error);
             return self.publish_locally(event_type, event_data, data).await;
         }
-        match tokio::time::timeout(PUBLISH_CONFIRM_TIMEOUT, confirmation).await {
-            Ok(Ok(handlers)) => Ok(handlers),
-            _ => {
-                lock(&self.waiting).remove(&number);
-                Err(PublishError(format!(
-                    "{event_type} was appended to Redis but not read back within {PUBLISH_CONFIRM_TIMEOUT:?}; it is delivered if Redis kept it"
-                )))
-            }
-        }
+        let unconfirmed = match tokio::time::timeout(PUBLISH_CONFIRM_TIMEOUT, confirmation).await {
+            Ok(Ok(handlers)) => return Ok(handlers),
+            Ok(Err(_)) => "the connection to Redis was lost before it was read back".to_owned(),
+            Err(_) => format!("it was not read back within {PUBLISH_CONFIRM_TIMEOUT:?}"),
+        };
+        lock(&self.waiting).remove(&number);
+        Err(PublishError(format!(
+            "{event_type} was appended to Redis, but {unconfirmed}; it is delivered everywhere if Redis kept it"
+        )))
     }
 
     /// Delivers here at once and keeps the event for the other processes.
