@@ -298,6 +298,10 @@ async fn cors_answers_preflights_and_marks_responses_for_allowed_origins_only() 
     .await;
     assert_eq!(stranger.status, StatusCode::NO_CONTENT);
     assert!(!stranger.headers.contains_key("access-control-allow-origin"));
+    assert_eq!(
+        stranger.headers["vary"], "origin",
+        "caches must not serve this answer to the allowed origin"
+    );
 
     let actual = send(
         server.addr,
@@ -315,6 +319,31 @@ async fn cors_answers_preflights_and_marks_responses_for_allowed_origins_only() 
     )
     .await;
     unknown.expect_error(StatusCode::NOT_FOUND);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cors_star_allows_any_origin_without_credentials() {
+    let mut settings = config();
+    settings.cors_allow_origins = vec!["*".to_owned()];
+    let server = TestServer::start(settings).await;
+    for method in ["OPTIONS", "GET"] {
+        let mut request = request(method, "/healthz", None, "");
+        request
+            .headers_mut()
+            .insert("origin", "https://anyone.example".parse().unwrap());
+        let reply = send(server.addr, request).await;
+        assert_eq!(
+            reply.headers["access-control-allow-origin"], "*",
+            "{method}"
+        );
+        assert!(
+            !reply
+                .headers
+                .contains_key("access-control-allow-credentials"),
+            "`*` must never let any site read with the user's cookies ({method})"
+        );
+    }
     server.stop().await;
 }
 

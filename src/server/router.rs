@@ -41,7 +41,7 @@ pub async fn handle(
 ) -> Response<ResponseBody> {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let origin = allowed_origin(&state.config.cors_allow_origins, request.headers());
+    let cors = cors_grant(&state.config.cors_allow_origins, request.headers());
     let mut response = match catch_unwind(route(state.clone(), disconnect, request)).await {
         Ok(Ok(response)) => response,
         // A known path answers OPTIONS with what it allows: the CORS preflight.
@@ -52,28 +52,56 @@ pub async fn handle(
             ApiError::Internal.into_response()
         }
     };
-    if let Some(origin) = origin {
-        let headers = response.headers_mut();
-        headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-        headers.insert(
-            ACCESS_CONTROL_ALLOW_CREDENTIALS,
-            HeaderValue::from_static("true"),
-        );
-        headers.append(VARY, HeaderValue::from_static("origin"));
-    }
+    cors.apply(&state.config.cors_allow_origins, response.headers_mut());
     state.metrics.count_response(response.status().as_u16());
     log::debug!("{method} {path} -> {}", response.status().as_u16());
     response
 }
 
-/// The request's `Origin` if it may call the API from a browser (`*` in the list allows any).
-fn allowed_origin(allowed: &[String], headers: &HeaderMap) -> Option<HeaderValue> {
-    let origin = headers.get(ORIGIN)?;
-    let text = origin.to_str().ok()?;
-    allowed
-        .iter()
-        .any(|allowed| allowed == "*" || allowed == text)
-        .then(|| origin.clone())
+/// What a request's `Origin` may do with the response.
+enum CorsGrant {
+    /// Not a cross-origin request we allow.
+    None,
+    /// A listed origin: it may read responses, with the user's cookies.
+    Listed(HeaderValue),
+    /// Any origin (`*` is listed), without credentials: browsers refuse `*` with cookies.
+    Any,
+}
+
+impl CorsGrant {
+    fn apply(self, allowed: &[String], headers: &mut HeaderMap) {
+        match self {
+            CorsGrant::None => {}
+            CorsGrant::Listed(origin) => {
+                headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+                let credentials = HeaderValue::from_static("true");
+                headers.insert(ACCESS_CONTROL_ALLOW_CREDENTIALS, credentials);
+            }
+            CorsGrant::Any => {
+                headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+            }
+        }
+        // With named origins the answer depends on Origin, whether or not this one was
+        // allowed, so caches must key on it.
+        if allowed.iter().any(|origin| origin != "*") {
+            headers.append(VARY, HeaderValue::from_static("origin"));
+        }
+    }
+}
+
+/// What the request's `Origin` is granted: a listed origin is echoed, `*` allows any.
+fn cors_grant(allowed: &[String], headers: &HeaderMap) -> CorsGrant {
+    let Some(origin) = headers.get(ORIGIN) else {
+        return CorsGrant::None;
+    };
+    let text = origin.to_str().unwrap_or_default();
+    if allowed.iter().any(|allowed| allowed == text) {
+        CorsGrant::Listed(origin.clone())
+    } else if allowed.iter().any(|allowed| allowed == "*") {
+        CorsGrant::Any
+    } else {
+        CorsGrant::None
+    }
 }
 
 fn preflight(allow: &'static str) -> Response<ResponseBody> {
