@@ -55,7 +55,12 @@ async fn expect_unauthorized(server: &TestServer, authorization: Option<&str>, r
     let message = reply.expect_error(StatusCode::UNAUTHORIZED);
     assert_eq!(message, reason, "for authorization {authorization:?}");
     let challenge = reply.headers["www-authenticate"].to_str().unwrap();
-    assert!(challenge.starts_with("Bearer "), "{challenge}");
+    assert!(challenge.starts_with("Bearer realm="), "{challenge}");
+    assert_eq!(
+        challenge.contains("error=\"invalid_token\""),
+        authorization.is_some(),
+        "an error code only when a token was sent: {challenge}"
+    );
 }
 
 #[tokio::test]

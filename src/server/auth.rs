@@ -6,7 +6,7 @@ use hyper::header::{HeaderMap, AUTHORIZATION};
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use super::error::ApiError;
+use super::error::{ApiError, MISSING_TOKEN};
 
 /// The `role` claim that allows `POST /ai/events/publish`.
 pub const PUBLISHER_ROLE: &str = "publisher";
@@ -105,7 +105,7 @@ impl Authenticator {
 pub(super) fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
     let value = headers
         .get(AUTHORIZATION)
-        .ok_or(ApiError::Unauthorized("missing bearer token"))?;
+        .ok_or(ApiError::Unauthorized(MISSING_TOKEN))?;
     value
         .to_str()
         .ok()

@@ -5,6 +5,10 @@ use hyper::{Response, StatusCode};
 
 use super::{json_response, ResponseBody};
 
+/// The 401 reason when no token was sent at all: its challenge carries no error code
+/// (RFC 6750 §3.1), since nothing was wrong with a token.
+pub const MISSING_TOKEN: &str = "missing bearer token";
+
 /// A request that cannot be served, with what the client is told.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiError {
@@ -82,9 +86,12 @@ impl ApiError {
         let headers = response.headers_mut();
         match &self {
             ApiError::Unauthorized(reason) => {
-                let challenge = format!(
-                    "Bearer realm=\"artifact-events\", error=\"invalid_token\", error_description=\"{reason}\""
-                );
+                let challenge = match *reason {
+                    MISSING_TOKEN => "Bearer realm=\"artifact-events\"".to_owned(),
+                    _ => format!(
+                        "Bearer realm=\"artifact-events\", error=\"invalid_token\", error_description=\"{reason}\""
+                    ),
+                };
                 headers.insert(
                     WWW_AUTHENTICATE,
                     HeaderValue::from_str(&challenge).expect("reasons are static ASCII"),

@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 use crate::config::MAX_PUBLISH_BODY_BYTES;
 use crate::events::EventType;
 use crate::server::auth::bearer_token;
+use crate::server::error::MISSING_TOKEN;
 use crate::server::router::{query_pairs, read_json, RequestBody};
 use crate::server::{json_response, ApiError, AppState, ResponseBody};
 use crate::sse::StreamLimitError;
@@ -74,7 +75,7 @@ fn stream_token(request: &Request<impl RequestBody>) -> Result<String, ApiError>
         .find_map(|pair| pair.trim().strip_prefix("access_token="));
     match cookie {
         Some(token) if !token.is_empty() => Ok(token.to_owned()),
-        _ => Err(ApiError::Unauthorized("missing bearer token")),
+        _ => Err(ApiError::Unauthorized(MISSING_TOKEN)),
     }
 }
 
