@@ -102,6 +102,52 @@ async fn the_last_event_id_query_parameter_works_like_the_header() {
 }
 
 #[tokio::test]
+async fn an_empty_last_event_id_asks_for_no_replay() {
+    let server = TestServer::start(config()).await;
+    publish(&server, "alice", 1).await;
+    for path in [STREAM.to_owned(), format!("{STREAM}?last_event_id=")] {
+        let mut request = request("GET", &path, Some(&server.token("alice")), "");
+        if path == STREAM {
+            request
+                .headers_mut()
+                .insert("last-event-id", "".parse().unwrap());
+        }
+        let mut client = SseClient::from_response(open(server.addr, request).await);
+        assert!(client.next_frame().await.unwrap().contains("connected"));
+        publish(&server, "alice", 2).await;
+        let frame = client.next_frame().await.unwrap();
+        assert!(
+            frame.contains("\"n\":2"),
+            "live events only, no replay_incomplete ({path}): {frame}"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreadable_last_event_id_is_a_400() {
+    let server = TestServer::start(config()).await;
+    let token = server.token("alice");
+    let mut non_ascii = request("GET", STREAM, Some(&token), "");
+    non_ascii.headers_mut().insert(
+        "last-event-id",
+        hyper::header::HeaderValue::from_bytes(b"1-\xff").unwrap(),
+    );
+    let bad_escape = request(
+        "GET",
+        &format!("{STREAM}?last_event_id=1-%ZZ"),
+        Some(&token),
+        "",
+    );
+    for request in [non_ascii, bad_escape] {
+        let reply = send(server.addr, request).await;
+        let error = reply.expect_error(StatusCode::BAD_REQUEST);
+        assert!(error.to_lowercase().contains("last"), "{error}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn an_id_older_than_the_history_first_gets_replay_incomplete() {
     let mut settings = config();
     settings.history.events_per_user = 3;

@@ -37,7 +37,9 @@ pub(in crate::server) fn stream(
                 .to_owned(),
         ),
         None => query_param(request, "last_event_id")?,
-    };
+    }
+    // An empty id is what `EventSource` sends before it has seen one: no replay asked for.
+    .filter(|id| !id.is_empty());
     let body = state
         .streams
         .open(&identity.user_id, last_event_id.as_deref(), disconnect)
