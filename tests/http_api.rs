@@ -224,6 +224,10 @@ async fn bad_publish_bodies_get_400_and_publish_nothing() {
             r#"{"event_type": "a\nb", "event_data": {"user_id": "u"}}"#,
             "event_type",
         ),
+        (
+            &json!({"event_type": "x".repeat(129), "event_data": {"user_id": "u"}}).to_string(),
+            "event_type",
+        ),
         (r#"{"event_type": "t"}"#, "event_data"),
         (
             r#"{"event_type": "t", "event_data": {"job_id": "j"}}"#,
@@ -236,16 +240,32 @@ async fn bad_publish_bodies_get_400_and_publish_nothing() {
         (r#"{"event_type": "t", "event_data": "u"}"#, "event_data"),
     ];
     for (body, mentions) in bodies {
-        let reply = send(server.addr, request("POST", PUBLISH, Some(&token), body)).await;
+        let reply = send(
+            server.addr,
+            request("POST", PUBLISH, Some(&token), body.to_owned()),
+        )
+        .await;
         let message = reply.expect_error(StatusCode::BAD_REQUEST);
         assert!(message.contains(mentions), "{body}: {message}");
     }
+    // 128 characters of two bytes each is within the limit.
+    let longest = json!({"event_type": "é".repeat(128), "event_data": {"user_id": "u"}});
+    let reply = send(
+        server.addr,
+        request("POST", PUBLISH, Some(&token), longest.to_string()),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
+    client
+        .next_frame()
+        .await
+        .expect("the event with the longest type arrives");
     assert!(
         client
             .next_frame_within(Duration::from_millis(200))
             .await
             .is_err(),
-        "something was published"
+        "a bad body was published"
     );
     server.stop().await;
 }

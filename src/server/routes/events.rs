@@ -18,7 +18,7 @@ use crate::sse::StreamLimitError;
 
 /// The header an `EventSource` sends when it reconnects.
 const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
-/// Longest accepted `event_type` in a publish request.
+/// Longest accepted `event_type` in a publish request, in characters.
 const MAX_EVENT_TYPE_LEN: usize = 128;
 
 /// Opens the caller's event stream: the connected frame, any events missed since
@@ -136,7 +136,7 @@ pub(in crate::server) async fn publish(
 
 fn valid_event_type(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= MAX_EVENT_TYPE_LEN
+        && name.chars().count() <= MAX_EVENT_TYPE_LEN
         && name != EventType::ANY.as_str()
         && !name.chars().any(char::is_control)
 }
