@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -58,6 +59,12 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Largest `POST /ai/events/publish` body; larger ones get 413.
 pub const MAX_PUBLISH_BODY_BYTES: usize = 1024 * 1024;
 
+/// Why `DATABASE_PATH` cannot be used by a build without SQLite; refusing beats silently keeping
+/// jobs in memory that the operator expects to survive a restart.
+pub const WITHOUT_SQLITE: &str = "this binary was built without the `sqlite` feature; \
+     rebuild with `cargo build --release --features sqlite`, or unset DATABASE_PATH to keep jobs \
+     in memory";
+
 /// Everything the server can be configured with.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -100,6 +107,12 @@ pub struct Config {
     pub retry_backoff: Duration,
     /// Jobs kept in memory (`MAX_JOBS`).
     pub max_jobs: usize,
+    /// The SQLite file that keeps jobs and event history across restarts (`DATABASE_PATH`);
+    /// `None` keeps them in memory.
+    pub database_path: Option<PathBuf>,
+    /// Latency added to each generator call (`GENERATOR_DELAY_MS`), to demo and test what an
+    /// LLM-backed generator's latency does.
+    pub generator_delay: Duration,
 }
 
 /// An environment variable with a value the server cannot use.
@@ -149,6 +162,8 @@ impl Config {
             job_timeout: Duration::from_secs(DEFAULT_JOB_TIMEOUT_SECS),
             retry_backoff: Duration::from_millis(DEFAULT_RETRY_BACKOFF_MS),
             max_jobs: DEFAULT_MAX_JOBS,
+            database_path: None,
+            generator_delay: Duration::ZERO,
         }
     }
 
@@ -229,6 +244,15 @@ impl Config {
         }
         if let Some(max) = env_positive("MAX_JOBS")? {
             config.max_jobs = max;
+        }
+        if let Some(path) = env_value("DATABASE_PATH") {
+            if !cfg!(feature = "sqlite") {
+                return Err(invalid("DATABASE_PATH", WITHOUT_SQLITE));
+            }
+            config.database_path = Some(PathBuf::from(path));
+        }
+        if let Some(millis) = env_parse::<u64>("GENERATOR_DELAY_MS")? {
+            config.generator_delay = Duration::from_millis(millis);
         }
         Ok(config)
     }

@@ -50,6 +50,8 @@ ENVIRONMENT:
     RETRY_BACKOFF_MS           pause before a retry                  [250]
     JOB_TIMEOUT_SECS           time one attempt may take             [60]
     MAX_JOBS                   jobs kept in memory (oldest finished forgotten first) [100000]
+    DATABASE_PATH              SQLite file for durable jobs and event history (feature sqlite) [none: memory]
+    GENERATOR_DELAY_MS         latency added to each generator call (demos, tests) [0]
 ";
 
 /// Lifetime of tokens printed by `token` and by development mode.
@@ -144,10 +146,10 @@ fn serve(args: &[String]) -> Result<(), String> {
             .await
             .map_err(|error| format!("cannot listen on {}: {error}", config.addr))?;
         let addr = listener.local_addr().map_err(|error| error.to_string())?;
-        if config.development_secret {
-            print_development_banner(&config, addr);
+        let state = AppState::open(config, get_event_bus())?;
+        if state.config.development_secret {
+            print_development_banner(&state.config, addr);
         }
-        let state = AppState::new(config, get_event_bus());
         server::run(listener, state, server::shutdown_signal()).await;
         Ok(())
     })

@@ -5,15 +5,15 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{ChildStdout, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use artifact_events::server::Authenticator;
-use common::{config, publish_http, SseClient, TestServer, PATIENCE, SECRET};
+use common::{
+    binary_token as token, config, publish_http, RunningServer, SseClient, TestServer, BINARY,
+    PATIENCE, SECRET,
+};
 use jsonwebtoken::Algorithm;
 use serde_json::json;
 use tokio::sync::mpsc;
-
-const BINARY: &str = env!("CARGO_BIN_EXE_artifact-events");
 
 #[test]
 fn token_prints_a_jwt_the_server_accepts() {
@@ -76,6 +76,8 @@ fn help_lists_every_flag_and_environment_variable() {
         "RETRY_BACKOFF_MS",
         "JOB_TIMEOUT_SECS",
         "MAX_JOBS",
+        "DATABASE_PATH",
+        "GENERATOR_DELAY_MS",
     ] {
         assert!(help.contains(name), "--help does not mention {name}");
     }
@@ -195,73 +197,6 @@ fn invalid_configuration_is_reported_not_ignored() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("SSE_KEEPALIVE_SECS"));
-}
-
-/// The server binary on an ephemeral port, with its stderr collected line by line.
-struct RunningServer {
-    child: std::process::Child,
-    addr: std::net::SocketAddr,
-    log: std::sync::mpsc::Receiver<String>,
-}
-
-impl RunningServer {
-    fn start(env: &[(&str, &str)]) -> RunningServer {
-        let mut child = Command::new(BINARY)
-            .env("ADDR", "127.0.0.1:0")
-            .env("JWT_SECRET", SECRET)
-            .envs(env.iter().copied())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let addr = loop {
-            let mut line = String::new();
-            assert!(
-                stderr.read_line(&mut line).unwrap() > 0,
-                "server exited before listening"
-            );
-            if let Some(addr) = line.trim().split("listening on http://").nth(1) {
-                break addr.parse().unwrap();
-            }
-        };
-        let (sender, log) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                let _ = sender.send(line);
-            }
-        });
-        RunningServer { child, addr, log }
-    }
-
-    /// Sends SIGTERM and waits (at most 5 s) for the exit; returns the status and the log.
-    fn terminate(mut self) -> (std::process::ExitStatus, String) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let started = Instant::now();
-        let exit = loop {
-            if let Some(exit) = self.child.try_wait().unwrap() {
-                break exit;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "server did not exit within 5 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        std::thread::sleep(Duration::from_millis(50));
-        (exit, self.log.try_iter().collect::<Vec<_>>().join("\n"))
-    }
-}
-
-fn token(user_id: &str) -> String {
-    Authenticator::new(SECRET.as_bytes(), Algorithm::HS256).issue(
-        user_id,
-        false,
-        Duration::from_secs(60),
-    )
 }
 
 #[tokio::test]

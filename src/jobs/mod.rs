@@ -8,7 +8,9 @@ mod store;
 pub mod validator;
 
 pub use artifact_worker::{ArtifactWorker, CancelOutcome, WorkerConfig};
-pub use generator::{ArtifactGenerator, ArtifactType, GenerationRequest, OfflineGenerator};
+pub use generator::{
+    ArtifactGenerator, ArtifactType, DelayedGenerator, GenerationRequest, OfflineGenerator,
+};
 #[cfg(feature = "sqlite")]
 pub use sqlite_store::SqliteJobStore;
 pub use store::{JobChange, JobFilter, JobStore, MemoryJobStore, StoreError, Updated};

@@ -311,3 +311,93 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The server binary that the tests run.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_artifact-events");
+
+/// The server binary on an ephemeral port, with its stderr collected line by line. Dropping it
+/// kills the process, so a failed test leaves none behind.
+pub struct RunningServer {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    log: std::sync::mpsc::Receiver<String>,
+}
+
+impl RunningServer {
+    /// Starts the binary with `env` (on top of `ADDR=127.0.0.1:0` and the test secret) and
+    /// waits until it listens.
+    pub fn start(env: &[(&str, &str)]) -> RunningServer {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(BINARY)
+            .env("ADDR", "127.0.0.1:0")
+            .env("JWT_SECRET", SECRET)
+            .envs(env.iter().copied())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let (sender, log) = std::sync::mpsc::channel();
+        let addr = loop {
+            let mut line = String::new();
+            assert!(
+                stderr.read_line(&mut line).unwrap() > 0,
+                "server exited before listening"
+            );
+            let line = line.trim_end().to_owned();
+            if let Some(addr) = line.split("listening on http://").nth(1) {
+                break addr.parse().unwrap();
+            }
+            sender.send(line).unwrap();
+        };
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = sender.send(line);
+            }
+        });
+        RunningServer { child, addr, log }
+    }
+
+    /// Sends SIGTERM and waits (at most 5 s) for the exit; returns the status and the log.
+    pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let started = std::time::Instant::now();
+        let exit = loop {
+            if let Some(exit) = self.child.try_wait().unwrap() {
+                break exit;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "server did not exit within 5 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        (exit, self.log.try_iter().collect::<Vec<_>>().join("\n"))
+    }
+
+    /// Sends SIGKILL, as a crash or the OOM killer would: no shutdown code runs. Returns the
+    /// log up to then.
+    pub fn kill(mut self) -> String {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        self.log.try_iter().collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A user's token signed with the test secret, for servers run as a binary.
+pub fn binary_token(user_id: &str) -> String {
+    artifact_events::server::Authenticator::new(SECRET.as_bytes(), jsonwebtoken::Algorithm::HS256)
+        .issue(user_id, false, Duration::from_secs(600))
+}
