@@ -347,4 +347,19 @@ mod tests {
         config.max_connections = 10;
         assert_eq!(config.connection_limit(), 10);
     }
+
+    #[test]
+    fn database_path_is_refused_by_a_build_without_sqlite_never_ignored() {
+        std::env::set_var("DATABASE_PATH", "/var/lib/artifact-events.db");
+        let config = Config::from_env();
+        std::env::remove_var("DATABASE_PATH");
+        if cfg!(feature = "sqlite") {
+            let path = config.unwrap().database_path.unwrap();
+            assert_eq!(path, PathBuf::from("/var/lib/artifact-events.db"));
+        } else {
+            let error = config.unwrap_err();
+            assert_eq!(error.variable, "DATABASE_PATH");
+            assert!(error.problem.contains("--features sqlite"), "{error}");
+        }
+    }
 }
