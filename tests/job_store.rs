@@ -294,10 +294,13 @@ mod sqlite {
                 job.id
             })
             .collect();
+        let together = Arc::new(std::sync::Barrier::new(2));
         let claimers: Vec<_> = (0..2)
             .map(|_| {
-                let store = Arc::new(SqliteJobStore::open(&path, 1000).unwrap());
+                let store = SqliteJobStore::open(&path, 1000).unwrap();
+                let together = together.clone();
                 std::thread::spawn(move || {
+                    together.wait();
                     std::iter::from_fn(|| store.claim_next().unwrap())
                         .map(|job| job.id)
                         .collect::<Vec<_>>()
