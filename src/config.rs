@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -64,6 +65,12 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Largest `POST /ai/events/publish` body; larger ones get 413.
 pub const MAX_PUBLISH_BODY_BYTES: usize = 1024 * 1024;
 
+/// Why `DATABASE_PATH` cannot be used by a build without SQLite; refusing beats silently keeping
+/// jobs in memory that the operator expects to survive a restart.
+pub const WITHOUT_SQLITE: &str = "this binary was built without the `sqlite` feature; \
+     rebuild with `cargo build --release --features sqlite`, or unset DATABASE_PATH to keep jobs \
+     in memory";
+
 /// Everything the server can be configured with.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -106,6 +113,12 @@ pub struct Config {
     pub retry_backoff: Duration,
     /// Jobs kept in memory (`MAX_JOBS`).
     pub max_jobs: usize,
+    /// The SQLite file that keeps jobs and event history across restarts (`DATABASE_PATH`);
+    /// `None` keeps them in memory.
+    pub database_path: Option<PathBuf>,
+    /// Latency added to each generator call (`GENERATOR_DELAY_MS`), to demo and test what an
+    /// LLM-backed generator's latency does.
+    pub generator_delay: Duration,
     /// Where events cross processes (`REDIS_URL`); `None` keeps them in this process.
     pub redis: Option<RedisSettings>,
 }
@@ -170,6 +183,8 @@ impl Config {
             job_timeout: Duration::from_secs(DEFAULT_JOB_TIMEOUT_SECS),
             retry_backoff: Duration::from_millis(DEFAULT_RETRY_BACKOFF_MS),
             max_jobs: DEFAULT_MAX_JOBS,
+            database_path: None,
+            generator_delay: Duration::ZERO,
             redis: None,
         }
     }
@@ -251,6 +266,15 @@ impl Config {
         }
         if let Some(max) = env_positive("MAX_JOBS")? {
             config.max_jobs = max;
+        }
+        if let Some(path) = env_value("DATABASE_PATH") {
+            if !cfg!(feature = "sqlite") {
+                return Err(invalid("DATABASE_PATH", WITHOUT_SQLITE));
+            }
+            config.database_path = Some(PathBuf::from(path));
+        }
+        if let Some(millis) = env_parse::<u64>("GENERATOR_DELAY_MS")? {
+            config.generator_delay = Duration::from_millis(millis);
         }
         if let Some(url) = env_value("REDIS_URL") {
             config.redis = Some(RedisSettings {
@@ -355,5 +379,20 @@ mod tests {
         assert_eq!(config.connection_limit(), files - RESERVED_FILE_DESCRIPTORS);
         config.max_connections = 10;
         assert_eq!(config.connection_limit(), 10);
+    }
+
+    #[test]
+    fn database_path_is_refused_by_a_build_without_sqlite_never_ignored() {
+        std::env::set_var("DATABASE_PATH", "/var/lib/artifact-events.db");
+        let config = Config::from_env();
+        std::env::remove_var("DATABASE_PATH");
+        if cfg!(feature = "sqlite") {
+            let path = config.unwrap().database_path.unwrap();
+            assert_eq!(path, PathBuf::from("/var/lib/artifact-events.db"));
+        } else {
+            let error = config.unwrap_err();
+            assert_eq!(error.variable, "DATABASE_PATH");
+            assert!(error.problem.contains("--features sqlite"), "{error}");
+        }
     }
 }

@@ -8,11 +8,14 @@
 //! - [`server`]: the accept loop, router, JWT auth, errors and the HTTP routes.
 //! - [`metrics`]: counters for `GET /metrics`, in the Prometheus text format.
 //! - [`config`]: settings with named defaults, read from the environment.
+//! - `database` (feature `sqlite`): the SQLite file behind durable jobs and history, its schema.
 //! - [`listen`]: the `listen` command's client, which prints a user's events as they arrive.
 //! - [`log`], [`time`], [`random`]: small utilities that keep the dependency list short.
 //! - `fuzz_checks` (hidden): the fuzz targets' checks, shared with the corpus-replay test.
 
 pub mod config;
+#[cfg(feature = "sqlite")]
+pub mod database;
 pub mod events;
 #[doc(hidden)]
 pub mod fuzz_checks;

@@ -54,6 +54,8 @@ ENVIRONMENT:
     REDIS_STREAM               the Redis stream's key                [artifact-events]
     REDIS_STREAM_MAX_LEN       entries the stream keeps (approximately) [100000]
     REDIS_OUTBOX_CAPACITY      events kept for other processes while Redis is down [100000]
+    DATABASE_PATH              SQLite file for durable jobs and event history (feature sqlite) [none: memory]
+    GENERATOR_DELAY_MS         latency added to each generator call (demos, tests) [0]
 ";
 
 /// Lifetime of tokens printed by `token` and by development mode.
@@ -148,10 +150,10 @@ fn serve(args: &[String]) -> Result<(), String> {
             .await
             .map_err(|error| format!("cannot listen on {}: {error}", config.addr))?;
         let addr = listener.local_addr().map_err(|error| error.to_string())?;
-        if config.development_secret {
-            print_development_banner(&config, addr);
+        let state = AppState::open(config, get_event_bus())?;
+        if state.config.development_secret {
+            print_development_banner(&state.config, addr);
         }
-        let state = AppState::new(config, get_event_bus());
         #[cfg(feature = "redis")]
         state.connect_redis().await?;
         #[cfg(not(feature = "redis"))]

@@ -5,15 +5,15 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{ChildStdout, Command, Stdio};
-use std::time::Duration;
 
 use artifact_events::server::Authenticator;
-use common::{config, publish_http, RunningServer, SseClient, TestServer, PATIENCE, SECRET};
+use common::{
+    binary_token as token, config, publish_http, RunningServer, SseClient, TestServer, BINARY,
+    PATIENCE, SECRET,
+};
 use jsonwebtoken::Algorithm;
 use serde_json::json;
 use tokio::sync::mpsc;
-
-const BINARY: &str = env!("CARGO_BIN_EXE_artifact-events");
 
 #[test]
 fn token_prints_a_jwt_the_server_accepts() {
@@ -76,6 +76,8 @@ fn help_lists_every_flag_and_environment_variable() {
         "RETRY_BACKOFF_MS",
         "JOB_TIMEOUT_SECS",
         "MAX_JOBS",
+        "DATABASE_PATH",
+        "GENERATOR_DELAY_MS",
     ] {
         assert!(help.contains(name), "--help does not mention {name}");
     }
@@ -195,15 +197,6 @@ fn invalid_configuration_is_reported_not_ignored() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("SSE_KEEPALIVE_SECS"));
-}
-
-/// The server binary on an ephemeral port, with its stderr collected line by line.
-fn token(user_id: &str) -> String {
-    Authenticator::new(SECRET.as_bytes(), Algorithm::HS256).issue(
-        user_id,
-        false,
-        Duration::from_secs(60),
-    )
 }
 
 #[tokio::test]

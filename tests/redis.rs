@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use artifact_events::config::RedisSettings;
 use artifact_events::{EventBus, EventType, Handler};
-use common::{publish_to, user_token, RunningServer, SseClient, TestServer, PATIENCE};
+use common::{binary_token, publish_to, RunningServer, SseClient, TestServer, PATIENCE};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -145,9 +145,9 @@ async fn a_client_on_one_process_gets_what_another_published_once_in_order_with_
     let stream = fresh_stream_key();
     let a = start_process(&url, &stream, &[]);
     let b = start_process(&url, &stream, &[]);
-    let mut alice_on_a = SseClient::connected(a.addr, &user_token("alice")).await;
-    let mut alice_on_b = SseClient::connected(b.addr, &user_token("alice")).await;
-    let mut bob_on_b = SseClient::connected(b.addr, &user_token("bob")).await;
+    let mut alice_on_a = SseClient::connected(a.addr, &binary_token("alice")).await;
+    let mut alice_on_b = SseClient::connected(b.addr, &binary_token("alice")).await;
+    let mut bob_on_b = SseClient::connected(b.addr, &binary_token("bob")).await;
 
     for n in 0..40 {
         let via = if n % 2 == 0 { a.addr } else { b.addr };
@@ -179,7 +179,7 @@ async fn a_client_resumes_on_another_process_with_last_event_id() {
     let stream = fresh_stream_key();
     let a = start_process(&url, &stream, &[]);
     let b = start_process(&url, &stream, &[]);
-    let token = user_token("alice");
+    let token = binary_token("alice");
     let mut on_a = SseClient::connected(a.addr, &token).await;
     for n in 0..5 {
         publish(a.addr, "alice", n).await;
@@ -266,7 +266,7 @@ async fn a_redis_restart_during_a_publishing_run_loses_and_duplicates_nothing() 
     let stream = fresh_stream_key();
     let a = start_process(&redis.url(), &stream, &[]);
     let b = start_process(&redis.url(), &stream, &[]);
-    let token = user_token("alice");
+    let token = binary_token("alice");
     let mut on_a = SseClient::connected(a.addr, &token).await;
     let mut on_b = SseClient::connected(b.addr, &token).await;
 
@@ -316,7 +316,7 @@ async fn publishes_beyond_the_outbox_during_an_outage_are_reported_to_the_publis
     let mut redis = RedisServer::start();
     let stream = fresh_stream_key();
     let a = start_process(&redis.url(), &stream, &[("REDIS_OUTBOX_CAPACITY", "3")]);
-    let mut on_a = SseClient::connected(a.addr, &user_token("alice")).await;
+    let mut on_a = SseClient::connected(a.addr, &binary_token("alice")).await;
     redis.stop();
 
     let mut statuses = Vec::new();
@@ -366,7 +366,7 @@ async fn a_job_run_by_one_process_is_announced_to_its_owner_on_another() {
     let stream = fresh_stream_key();
     let a = start_process(&url, &stream, &[]);
     let b = start_process(&url, &stream, &[]);
-    let token = user_token("alice");
+    let token = binary_token("alice");
     let mut on_b = SseClient::connected(b.addr, &token).await;
     let content = "Mitochondria are the organelles that produce most of a cell's energy. \
         They convert glucose and oxygen into adenosine triphosphate through cellular respiration. \

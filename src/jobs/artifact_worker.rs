@@ -113,11 +113,40 @@ impl ArtifactWorker {
         }
     }
 
-    /// Starts the worker tasks; they run until [`ArtifactWorker::stop`].
+    /// Takes over the jobs an earlier process left running, then starts the worker tasks; they
+    /// run until [`ArtifactWorker::stop`].
     pub fn start(self: &Arc<Self>) -> Vec<JoinHandle<()>> {
-        (0..self.config.workers.max(1))
-            .map(|_| tokio::spawn(self.clone().run_task()))
-            .collect()
+        let mut tasks = Vec::new();
+        match self.store.requeue_interrupted(self.config.max_retries) {
+            Ok(interrupted) => {
+                for job in &interrupted {
+                    log::warning!(
+                        "job {} was interrupted by a restart: now {} (retry {})",
+                        job.id,
+                        job.status.as_str(),
+                        job.retry_count
+                    );
+                }
+                let failed: Vec<Job> = interrupted
+                    .into_iter()
+                    .filter(|job| job.status == JobStatus::Failed)
+                    .collect();
+                if !failed.is_empty() {
+                    let worker = self.clone();
+                    tasks.push(tokio::spawn(async move {
+                        for job in failed {
+                            worker
+                                .publish(EventType::FAILED, failed_event_data(&job))
+                                .await;
+                        }
+                    }));
+                }
+            }
+            Err(error) => log::error!("cannot requeue interrupted jobs: {error}"),
+        }
+        tasks
+            .extend((0..self.config.workers.max(1)).map(|_| tokio::spawn(self.clone().run_task())));
+        tasks
     }
 
     /// Stops taking new jobs; each task finishes the job it is running, then exits.
@@ -216,23 +245,23 @@ impl ArtifactWorker {
                 data["result"] = stored.result.unwrap_or(Value::Null);
             }
             _ => {
-                let error = stored.error.unwrap_or_default();
                 log::warning!(
-                    "job {} failed after {} retries: {error}",
+                    "job {} failed after {} retries: {}",
                     stored.id,
-                    stored.retry_count
+                    stored.retry_count,
+                    stored.error.as_deref().unwrap_or_default()
                 );
-                data["error"] = json!(error);
-                data["retry_count"] = json!(stored.retry_count);
+                data = failed_event_data(&stored);
             }
         }
         self.publish(event_type, data).await;
     }
 
-    /// Runs attempts until one succeeds or retries run out; returns the outcome and retries made.
+    /// Runs attempts until one succeeds or retries run out; returns the outcome and retries made
+    /// (counting those of an earlier process, so a restart does not renew the budget).
     async fn run_attempts(&self, job: &Job) -> (Result<Value, String>, u32) {
         let request = job.generation_request();
-        let mut retries = 0;
+        let mut retries = job.retry_count;
         loop {
             let attempt = catch_unwind(self.attempt(job, &request));
             let error = match tokio::time::timeout(self.config.attempt_timeout, attempt).await {
@@ -326,4 +355,12 @@ impl ArtifactWorker {
         // Only map edits happen under this lock, so a poisoned map is still consistent.
         self.running.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// A `failed` job's event: its base fields, `error` and `retry_count`.
+fn failed_event_data(job: &Job) -> Value {
+    let mut data = job.event_data();
+    data["error"] = json!(job.error.as_deref().unwrap_or_default());
+    data["retry_count"] = json!(job.retry_count);
+    data
 }

@@ -5,6 +5,8 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -158,6 +160,57 @@ impl ArtifactGenerator for OfflineGenerator {
                 return Ok(output.clone());
             }
             repair_output(request, plan, output)
+        })
+    }
+}
+
+/// Another generator made slower by a fixed delay before each call (`GENERATOR_DELAY_MS`): the
+/// offline generator answers in about a millisecond, an LLM in seconds, and what that latency
+/// does to jobs (progress, cancels, timeouts, restarts mid-job) is worth seeing and testing.
+pub struct DelayedGenerator {
+    inner: Arc<dyn ArtifactGenerator>,
+    delay: Duration,
+}
+
+impl DelayedGenerator {
+    /// `inner`, with `delay` added to each of its calls.
+    pub fn new(inner: Arc<dyn ArtifactGenerator>, delay: Duration) -> Self {
+        DelayedGenerator { inner, delay }
+    }
+}
+
+impl ArtifactGenerator for DelayedGenerator {
+    fn plan<'a>(
+        &'a self,
+        request: &'a GenerationRequest,
+    ) -> BoxFuture<'a, Result<Value, GenerationError>> {
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            self.inner.plan(request).await
+        })
+    }
+
+    fn generate<'a>(
+        &'a self,
+        request: &'a GenerationRequest,
+        plan: &'a Value,
+    ) -> BoxFuture<'a, Result<Value, GenerationError>> {
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            self.inner.generate(request, plan).await
+        })
+    }
+
+    fn repair<'a>(
+        &'a self,
+        request: &'a GenerationRequest,
+        plan: &'a Value,
+        output: &'a Value,
+        errors: &'a [String],
+    ) -> BoxFuture<'a, Result<Value, GenerationError>> {
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            self.inner.repair(request, plan, output, errors).await
         })
     }
 }

@@ -2,11 +2,17 @@
 
 mod artifact_worker;
 pub mod generator;
+#[cfg(feature = "sqlite")]
+mod sqlite_store;
 mod store;
 pub mod validator;
 
 pub use artifact_worker::{ArtifactWorker, CancelOutcome, WorkerConfig};
-pub use generator::{ArtifactGenerator, ArtifactType, GenerationRequest, OfflineGenerator};
+pub use generator::{
+    ArtifactGenerator, ArtifactType, DelayedGenerator, GenerationRequest, OfflineGenerator,
+};
+#[cfg(feature = "sqlite")]
+pub use sqlite_store::SqliteJobStore;
 pub use store::{JobChange, JobFilter, JobStore, MemoryJobStore, StoreError, Updated};
 
 use serde_json::{json, Value};

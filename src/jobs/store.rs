@@ -88,6 +88,10 @@ pub trait JobStore: Send + Sync + 'static {
     fn queued_ids(&self) -> Result<Vec<String>, StoreError>;
     /// How many jobs are in each status.
     fn count_by_status(&self) -> Result<Vec<(JobStatus, usize)>, StoreError>;
+    /// Makes the jobs that an earlier process left `running` (it died mid-attempt) runnable:
+    /// each is queued again with the interrupted attempt counted as a retry, or `failed` if
+    /// that exceeds `max_retries`. Returns the jobs it changed. Called before workers start.
+    fn requeue_interrupted(&self, max_retries: u32) -> Result<Vec<Job>, StoreError>;
 }
 
 /// Keeps jobs in memory; they are gone when the process exits.
@@ -229,6 +233,11 @@ impl JobStore for MemoryJobStore {
             .into_iter()
             .map(|status| (status, count(status)))
             .collect())
+    }
+
+    fn requeue_interrupted(&self, _max_retries: u32) -> Result<Vec<Job>, StoreError> {
+        // Every process starts with an empty memory store: nothing can have been interrupted.
+        Ok(Vec::new())
     }
 }
 

@@ -26,7 +26,9 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::config::{Config, MAX_HEADER_BYTES};
 use crate::events::{EventBus, Handler};
-use crate::jobs::{ArtifactGenerator, ArtifactWorker, JobStore, MemoryJobStore, OfflineGenerator};
+use crate::jobs::{
+    ArtifactGenerator, ArtifactWorker, DelayedGenerator, JobStore, MemoryJobStore, OfflineGenerator,
+};
 use crate::log;
 use crate::metrics::Metrics;
 use crate::sse::{SseBody, StreamIndex};
@@ -59,6 +61,52 @@ impl AppState {
         Self::with_jobs(config, bus, store, Arc::new(OfflineGenerator))
     }
 
+    /// Builds the state as `config` says: jobs and event history in the SQLite file at
+    /// `database_path` if set (else in memory), and the offline generator, slowed by
+    /// `generator_delay` if set.
+    pub fn open(config: Config, bus: Arc<EventBus>) -> Result<Arc<Self>, String> {
+        let mut generator: Arc<dyn ArtifactGenerator> = Arc::new(OfflineGenerator);
+        if !config.generator_delay.is_zero() {
+            generator = Arc::new(DelayedGenerator::new(generator, config.generator_delay));
+        }
+        let Some(path) = config.database_path.clone() else {
+            let store = Arc::new(MemoryJobStore::new(config.max_jobs));
+            return Ok(Self::with_jobs(config, bus, store, generator));
+        };
+        #[cfg(feature = "sqlite")]
+        {
+            let store = crate::jobs::SqliteJobStore::open(&path, config.max_jobs)
+                .map_err(|error| error.to_string())?;
+            let metrics = Arc::new(Metrics::default());
+            // With Redis, the shared stream is the history every process replays from.
+            let streams = match config.redis {
+                Some(_) => {
+                    log::info!("jobs are kept in {}", path.display());
+                    StreamIndex::new(config.stream_settings(), metrics.clone())
+                }
+                None => {
+                    log::info!("jobs and event history are kept in {}", path.display());
+                    StreamIndex::persisted(config.stream_settings(), metrics.clone(), &path)
+                        .map_err(|error| error.to_string())?
+                }
+            };
+            Ok(Self::assemble(
+                config,
+                bus,
+                Arc::new(store),
+                generator,
+                streams,
+                metrics,
+            ))
+        }
+        #[cfg(not(feature = "sqlite"))]
+        Err(format!(
+            "DATABASE_PATH {}: {}",
+            path.display(),
+            crate::config::WITHOUT_SQLITE
+        ))
+    }
+
     /// Builds the state around the given job store and generator, and subscribes its stream
     /// index to `bus`. Job workers start with [`run`].
     pub fn with_jobs(
@@ -67,9 +115,20 @@ impl AppState {
         store: Arc<dyn JobStore>,
         generator: Arc<dyn ArtifactGenerator>,
     ) -> Arc<Self> {
-        let jobs = ArtifactWorker::new(store, generator, bus.clone(), config.worker_config());
         let metrics = Arc::new(Metrics::default());
         let streams = StreamIndex::new(config.stream_settings(), metrics.clone());
+        Self::assemble(config, bus, store, generator, streams, metrics)
+    }
+
+    fn assemble(
+        config: Config,
+        bus: Arc<EventBus>,
+        store: Arc<dyn JobStore>,
+        generator: Arc<dyn ArtifactGenerator>,
+        streams: Arc<StreamIndex>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let jobs = ArtifactWorker::new(store, generator, bus.clone(), config.worker_config());
         let stream_handler = streams.attach(&bus);
         let auth = Authenticator::new(config.jwt_secret.as_bytes(), config.jwt_algorithm);
         Arc::new(AppState {
@@ -213,6 +272,7 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         ),
         Err(error) => log::error!("cannot list queued jobs: {error}"),
     }
+    state.streams.finish_persisting();
     log::info!("stopped");
 }
 

@@ -95,6 +95,10 @@ pub struct History {
     /// The newest id forgotten for users whose whole history has gone since; before the
     /// first event, the start of this history (what came before it is unknown).
     forgotten_through: EventId,
+    /// For a history resumed from storage, the newest id stored: ids after it and before this
+    /// history's epoch were issued by a process that died before storing them, so a replay
+    /// from one of them may have missed events.
+    stored_through: Option<EventId>,
 }
 
 struct UserHistory {
@@ -121,7 +125,28 @@ impl History {
             order: VecDeque::new(),
             total_bytes: 0,
             forgotten_through: start,
+            stored_through: None,
         }
+    }
+
+    /// A history that continues a stored one: `events` (user, event, when it was recorded),
+    /// oldest first, all later than `forgotten_through`, the newest id whose events may be gone.
+    /// `epoch` must be later than every stored id.
+    #[cfg(feature = "sqlite")]
+    pub fn resume(
+        epoch: u64,
+        limits: HistoryLimits,
+        forgotten_through: EventId,
+        events: impl IntoIterator<Item = (Arc<str>, RecordedEvent, Instant)>,
+    ) -> Self {
+        let mut history = History::new(epoch, limits);
+        history.last_id = forgotten_through;
+        history.forgotten_through = forgotten_through;
+        for (user, event, recorded_at) in events {
+            history.record(&user, event, recorded_at);
+        }
+        history.stored_through = Some(history.last_id());
+        history
     }
 
     /// The id the next event will get when this history numbers events itself.
@@ -195,15 +220,18 @@ impl History {
         if last > self.last_id {
             return Replay::default();
         }
+        let lost_in_a_crash = self
+            .stored_through
+            .is_some_and(|stored| last > stored && last.epoch < self.epoch);
         let Some(history) = self.users.get(user) else {
             return Replay {
-                complete: last >= self.forgotten_through,
+                complete: last >= self.forgotten_through && !lost_in_a_crash,
                 events: Vec::new(),
             };
         };
         let first_missed = history.events.partition_point(|event| event.id <= last);
         Replay {
-            complete: last >= history.evicted_through,
+            complete: last >= history.evicted_through && !lost_in_a_crash,
             events: history.events.range(first_missed..).cloned().collect(),
         }
     }
@@ -400,6 +428,52 @@ mod tests {
         let replay = history.since("alice", &format!("{}-7", EPOCH + 5), now);
         assert!(replay.complete);
         assert_eq!(replay.events.len(), 1);
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn a_resumed_history_replays_stored_events_and_knows_what_it_never_stored() {
+        let now = Instant::now();
+        let stored = |seq| {
+            let id = EventId { epoch: EPOCH, seq };
+            let event = RecordedEvent {
+                id,
+                event_type: EventType::COMPLETED,
+                frame: Bytes::from(format!("id: {id}\ndata: {{}}\n\n")),
+            };
+            (Arc::from("alice"), event, now)
+        };
+        let forgotten = EventId {
+            epoch: EPOCH,
+            seq: 2,
+        };
+        let restarted = EPOCH + 5_000;
+        let mut history = History::resume(restarted, limits(), forgotten, [stored(3), stored(4)]);
+        let new = record(&mut history, "alice", now);
+        assert_eq!(
+            new,
+            EventId {
+                epoch: restarted,
+                seq: 1
+            }
+        );
+
+        let replay = history.since("alice", &format!("{EPOCH}-3"), now);
+        assert!(
+            replay.complete,
+            "event 3 was stored, and so was all after it"
+        );
+        assert_eq!(seqs(&replay), [4, 1]);
+        let replay = history.since("alice", &format!("{EPOCH}-1"), now);
+        assert!(!replay.complete, "event 2 was forgotten before the restart");
+        assert_eq!(seqs(&replay), [3, 4, 1]);
+        // Event 5 reached a client, but the process died before storing it (or any after).
+        let replay = history.since("alice", &format!("{EPOCH}-5"), now);
+        assert!(!replay.complete);
+        assert_eq!(seqs(&replay), [1]);
+        let replay = history.since("bob", &format!("{EPOCH}-5"), now);
+        assert!(!replay.complete && replay.events.is_empty());
+        assert!(history.since("bob", &format!("{EPOCH}-4"), now).complete);
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,6 +3,8 @@
 
 pub mod encoder;
 mod history;
+#[cfg(feature = "sqlite")]
+mod history_store;
 pub mod parser;
 mod stream;
 mod stream_index;

@@ -64,6 +64,9 @@ struct IndexState {
     history: History,
     /// Set at shutdown: every stream has ended and new ones are refused.
     closed: bool,
+    /// Stores each recorded event in the database, when history is kept there.
+    #[cfg(feature = "sqlite")]
+    history_writer: Option<super::history_store::HistoryWriter>,
 }
 
 struct StreamEntry {
@@ -81,16 +84,60 @@ impl StreamIndex {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis() as u64;
-        Arc::new(StreamIndex {
-            state: Mutex::new(IndexState {
+        Self::with_state(
+            settings,
+            metrics,
+            IndexState {
                 by_user: HashMap::new(),
                 history: History::new(epoch, settings.history),
                 closed: false,
-            }),
+                #[cfg(feature = "sqlite")]
+                history_writer: None,
+            },
+        )
+    }
+
+    /// An index whose history is kept in the SQLite file at `path` too: it starts with the
+    /// events retained there, so clients resume across a restart, and stores what it records.
+    #[cfg(feature = "sqlite")]
+    pub fn persisted(
+        settings: StreamSettings,
+        metrics: Arc<Metrics>,
+        path: &std::path::Path,
+    ) -> Result<Arc<Self>, crate::database::DatabaseError> {
+        let (history, writer) = super::history_store::open(path, settings.history)?;
+        Ok(Self::with_state(
+            settings,
+            metrics,
+            IndexState {
+                by_user: HashMap::new(),
+                history,
+                closed: false,
+                history_writer: Some(writer),
+            },
+        ))
+    }
+
+    fn with_state(settings: StreamSettings, metrics: Arc<Metrics>, state: IndexState) -> Arc<Self> {
+        Arc::new(StreamIndex {
+            state: Mutex::new(state),
             next_stream_id: AtomicU64::new(0),
             settings,
             metrics,
         })
+    }
+
+    /// Stores every event recorded so far and stops storing (at shutdown, after the last
+    /// publish); without a database it does nothing.
+    pub fn finish_persisting(&self) {
+        #[cfg(feature = "sqlite")]
+        {
+            // Taken out first: the writer is joined without the index lock held.
+            let writer = self.lock().history_writer.take();
+            if let Some(writer) = writer {
+                writer.finish();
+            }
+        }
     }
 
     /// Subscribes the index to every event type on `bus`; returns the handler, to unsubscribe.
@@ -342,6 +389,10 @@ fn record(
         event_type: event_type.clone(),
         frame: frame.clone(),
     };
+    #[cfg(feature = "sqlite")]
+    if let Some(writer) = &mut state.history_writer {
+        writer.offer(&user, &recorded);
+    }
     state.history.record(&user, recorded, Instant::now());
     frame
 }

@@ -1,7 +1,6 @@
 //! Shared helpers: a real server on 127.0.0.1:0 and HTTP/SSE clients over real TCP.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -288,7 +287,36 @@ impl SseClient {
     }
 }
 
-/// The real binary, started as a user would, on an ephemeral port.
+/// A fresh directory under the system temp dir, removed (with its files) when dropped.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!(
+            "artifact-events-{name}-{}",
+            artifact_events::random::hex_token(8)
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    /// A path inside the directory.
+    pub fn join(&self, file: &str) -> std::path::PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The server binary that the tests run.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_artifact-events");
+
+/// The server binary on an ephemeral port, with its stderr collected line by line. Dropping it
+/// kills the process, so a failed test leaves none behind.
 pub struct RunningServer {
     pub child: std::process::Child,
     pub addr: SocketAddr,
@@ -296,8 +324,10 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// Starts the binary with `env` on top of a test secret; returns once it listens.
+    /// Starts the binary with `env` (on top of `ADDR=127.0.0.1:0` and the test secret) and
+    /// waits until it listens.
     pub fn start(env: &[(&str, &str)]) -> RunningServer {
+        use std::io::{BufRead, BufReader};
         let mut child = std::process::Command::new(BINARY)
             .env("ADDR", "127.0.0.1:0")
             .env("JWT_SECRET", SECRET)
@@ -305,18 +335,20 @@ impl RunningServer {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let (sender, log) = std::sync::mpsc::channel();
         let addr = loop {
             let mut line = String::new();
             assert!(
                 stderr.read_line(&mut line).unwrap() > 0,
                 "server exited before listening"
             );
-            if let Some(addr) = line.trim().split("listening on http://").nth(1) {
+            let line = line.trim_end().to_owned();
+            if let Some(addr) = line.split("listening on http://").nth(1) {
                 break addr.parse().unwrap();
             }
+            sender.send(line).unwrap();
         };
-        let (sender, log) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in stderr.lines().map_while(Result::ok) {
                 let _ = sender.send(line);
@@ -347,15 +379,18 @@ impl RunningServer {
         (exit, self.log.try_iter().collect::<Vec<_>>().join("\n"))
     }
 
-    /// Kills the process with SIGKILL, as a crash would, and waits for it.
-    pub fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    /// The log lines printed so far.
+    /// The log lines printed since the last look.
     pub fn log_lines(&self) -> Vec<String> {
         self.log.try_iter().collect()
+    }
+
+    /// Sends SIGKILL, as a crash or the OOM killer would: no shutdown code runs. Returns the
+    /// log up to then.
+    pub fn kill(mut self) -> String {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        self.log.try_iter().collect::<Vec<_>>().join("\n")
     }
 }
 
@@ -366,17 +401,14 @@ impl Drop for RunningServer {
     }
 }
 
-/// The server binary the tests run.
-pub const BINARY: &str = env!("CARGO_BIN_EXE_artifact-events");
-
-/// A token for `user_id` signed with the test secret.
-pub fn user_token(user_id: &str) -> String {
+/// A user's token signed with the test secret, for servers run as a binary.
+pub fn binary_token(user_id: &str) -> String {
     artifact_events::server::Authenticator::new(SECRET.as_bytes(), jsonwebtoken::Algorithm::HS256)
         .issue(user_id, false, Duration::from_secs(600))
 }
 
-/// A publisher token signed with the test secret.
-pub fn publisher_token() -> String {
+/// A publisher token signed with the test secret, for servers run as a binary.
+pub fn binary_publisher_token() -> String {
     artifact_events::server::Authenticator::new(SECRET.as_bytes(), jsonwebtoken::Algorithm::HS256)
         .issue("publisher", true, Duration::from_secs(600))
 }
@@ -384,7 +416,7 @@ pub fn publisher_token() -> String {
 /// Publishes over HTTP to `addr` as a publisher and returns the reply.
 pub async fn publish_to(addr: SocketAddr, event_type: &str, event_data: Value) -> Reply {
     let body = serde_json::json!({"event_type": event_type, "event_data": event_data}).to_string();
-    let token = publisher_token();
+    let token = binary_publisher_token();
     send(
         addr,
         request("POST", "/ai/events/publish", Some(&token), body),

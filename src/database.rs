@@ -1,0 +1,195 @@
+//! The SQLite file behind durable jobs and event history: how it is opened, and its schema.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
+
+/// Each schema change, in order; a file at version `n` has had the first `n` applied. Append
+/// new steps, never edit old ones: files written by earlier versions replay what they lack.
+const MIGRATIONS: &[&str] = &[
+    // 1: jobs, in creation order (`seq`), and the retained events with what was forgotten.
+    "CREATE TABLE jobs (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        user_id TEXT NOT NULL,
+        notebook_id TEXT NOT NULL,
+        artifact_type TEXT NOT NULL,
+        content TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        result TEXT,
+        error TEXT,
+        retry_count INTEGER NOT NULL
+    );
+    CREATE INDEX jobs_by_status ON jobs (status, seq);
+    CREATE INDEX jobs_by_user ON jobs (user_id, seq);
+    CREATE TABLE events (
+        position INTEGER PRIMARY KEY,
+        epoch INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        user_id TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        frame BLOB NOT NULL,
+        recorded_ms INTEGER NOT NULL
+    );
+    CREATE TABLE event_watermark (
+        name TEXT PRIMARY KEY,
+        epoch INTEGER NOT NULL,
+        seq INTEGER NOT NULL
+    );",
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
+/// How long a statement waits for another connection's write to finish before failing. Writes
+/// are single short transactions, so waiting this long means something is badly wrong.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The database file could not be opened, migrated or used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatabaseError {
+    /// The file.
+    pub path: PathBuf,
+    /// What went wrong.
+    pub reason: String,
+}
+
+impl fmt::Display for DatabaseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "database {}: {}", self.path.display(), self.reason)
+    }
+}
+
+impl std::error::Error for DatabaseError {}
+
+/// Opens (creating if need be) the database at `path` in WAL mode, and brings its schema up to
+/// [`SCHEMA_VERSION`].
+pub fn open(path: &Path) -> Result<Connection, DatabaseError> {
+    let error = |reason: String| DatabaseError {
+        path: path.to_owned(),
+        reason,
+    };
+    let mut connection = Connection::open(path).map_err(|e| error(e.to_string()))?;
+    configure(&connection).map_err(error)?;
+    migrate(&mut connection).map_err(error)?;
+    Ok(connection)
+}
+
+/// WAL lets readers and the one writer proceed together and makes a commit a single append.
+/// `synchronous = NORMAL` skips the fsync per commit: a commit survives the process being
+/// killed (the kernel holds the write), and a power loss can lose the last commits but never
+/// corrupts the file.
+fn configure(connection: &Connection) -> Result<(), String> {
+    connection
+        .busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    let mode: String = connection
+        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+        .map_err(|e| e.to_string())?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(format!("cannot use WAL mode (journal_mode is {mode})"));
+    }
+    connection
+        .pragma_update(None, "synchronous", "NORMAL")
+        .map_err(|e| e.to_string())
+}
+
+fn migrate(connection: &mut Connection) -> Result<(), String> {
+    let transaction = connection
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| e.to_string())?;
+    transaction
+        .execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        .map_err(|e| e.to_string())?;
+    let version: Option<usize> = transaction
+        .query_row("SELECT version FROM schema_version", [], |row| row.get(0))
+        .optional()
+        .map_err(|e| e.to_string())?;
+    let version = version.unwrap_or(0);
+    if version > SCHEMA_VERSION {
+        return Err(format!(
+            "schema version {version} was written by a newer artifact-events; this one knows up \
+             to {SCHEMA_VERSION}"
+        ));
+    }
+    for (step, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        transaction
+            .execute_batch(sql)
+            .map_err(|e| format!("migration to schema version {}: {e}", step + 1))?;
+    }
+    transaction
+        .execute("DELETE FROM schema_version", [])
+        .and_then(|_| {
+            transaction.execute(
+                "INSERT INTO schema_version (version) VALUES (?1)",
+                [SCHEMA_VERSION],
+            )
+        })
+        .and_then(|_| transaction.commit())
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temporary_path(name: &str) -> PathBuf {
+        let directory = std::env::temp_dir().join(format!(
+            "artifact-events-{name}-{}",
+            crate::random::hex_token(8)
+        ));
+        std::fs::create_dir_all(&directory).unwrap();
+        directory.join("test.db")
+    }
+
+    #[test]
+    fn a_new_file_gets_the_current_schema_in_wal_mode_and_reopens() {
+        let path = temporary_path("schema");
+        let connection = open(&path).unwrap();
+        let version: usize = connection
+            .query_row("SELECT version FROM schema_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let mode: String = connection
+            .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        connection
+            .execute("INSERT INTO event_watermark VALUES ('kept', 1, 2)", [])
+            .unwrap();
+        drop(connection);
+
+        let reopened = open(&path).unwrap();
+        let rows: usize = reopened
+            .query_row("SELECT count(*) FROM schema_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(
+            rows, 1,
+            "reopening migrates nothing and adds no version row"
+        );
+        let kept: u64 = reopened
+            .query_row("SELECT seq FROM event_watermark", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(kept, 2);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_file_from_a_newer_version_is_refused_untouched() {
+        let path = temporary_path("newer");
+        drop(open(&path).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .execute("UPDATE schema_version SET version = 99", [])
+            .unwrap();
+        let error = open(&path).unwrap_err();
+        assert!(error.reason.contains("schema version 99"), "{error}");
+        assert!(error.to_string().contains("test.db"), "{error}");
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+}

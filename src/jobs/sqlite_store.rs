@@ -1,0 +1,304 @@
+//! A `JobStore` in a SQLite file: jobs outlive the process, and the ones it left running are
+//! requeued when the next one starts.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use rusqlite::types::Type;
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
+
+use super::store::{JobChange, JobFilter, JobStore, StoreError, Updated};
+use super::{ArtifactType, Job, JobStatus};
+use crate::database::{self, DatabaseError};
+
+/// The columns [`job_from_row`] reads, in its order.
+const JOB_COLUMNS: &str = "id, user_id, notebook_id, artifact_type, content, count, status, \
+                           created_at, updated_at, result, error, retry_count";
+
+/// Keeps jobs in a SQLite file (WAL mode), so they survive restarts and crashes. One server
+/// process per file: at start it takes over every job left `running`.
+pub struct SqliteJobStore {
+    /// The connection and the job count behind one std `Mutex`: every call is one short local
+    /// transaction and none awaits while holding it.
+    state: Mutex<SqliteState>,
+    max_jobs: usize,
+}
+
+struct SqliteState {
+    connection: Connection,
+    /// Rows in `jobs`, kept here because `count(*)` walks the whole table.
+    job_count: usize,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        StoreError(error.to_string())
+    }
+}
+
+impl SqliteJobStore {
+    /// Opens (or creates) the store in the file at `path`; like the memory store it keeps at
+    /// most `max_jobs` jobs, forgetting the oldest finished ones first.
+    pub fn open(path: &Path, max_jobs: usize) -> Result<Self, DatabaseError> {
+        let connection = database::open(path)?;
+        let job_count = connection
+            .query_row("SELECT count(*) FROM jobs", [], |row| row.get(0))
+            .map_err(|error| DatabaseError {
+                path: path.to_owned(),
+                reason: error.to_string(),
+            })?;
+        Ok(SqliteJobStore {
+            state: Mutex::new(SqliteState {
+                connection,
+                job_count,
+            }),
+            max_jobs: max_jobs.max(1),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SqliteState> {
+        // A panic under the lock drops its transaction, which rolls back: the file is intact.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl JobStore for SqliteJobStore {
+    fn create(&self, job: Job) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let SqliteState {
+            connection,
+            job_count,
+        } = &mut *state;
+        let transaction = write(connection)?;
+        let mut evicted = 0;
+        if *job_count >= self.max_jobs {
+            evicted = transaction.execute(
+                "DELETE FROM jobs WHERE seq = (SELECT seq FROM jobs \
+                 WHERE status IN ('completed', 'failed', 'cancelled') ORDER BY seq LIMIT 1)",
+                [],
+            )?;
+        }
+        if *job_count - evicted >= self.max_jobs {
+            return Err(StoreError(format!(
+                "full: {} unfinished jobs",
+                self.max_jobs
+            )));
+        }
+        transaction.execute(
+            "INSERT INTO jobs (id, user_id, notebook_id, artifact_type, content, count, status, \
+             created_at, updated_at, result, error, retry_count) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                job.id,
+                job.user_id,
+                job.notebook_id,
+                job.artifact_type.as_str(),
+                job.content,
+                job.count,
+                job.status.as_str(),
+                job.created_at,
+                job.updated_at,
+                job.result.as_ref().map(|result| result.to_string()),
+                job.error,
+                job.retry_count,
+            ],
+        )?;
+        transaction.commit()?;
+        *job_count = *job_count - evicted + 1;
+        Ok(())
+    }
+
+    fn get(&self, job_id: &str) -> Result<Option<Job>, StoreError> {
+        let state = self.lock();
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1");
+        let job = state
+            .connection
+            .prepare_cached(&sql)?
+            .query_row([job_id], job_from_row)
+            .optional()?;
+        Ok(job)
+    }
+
+    fn list(&self, user_id: &str, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
+        let state = self.lock();
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE user_id = ?1 \
+             AND (?2 IS NULL OR notebook_id = ?2) AND (?3 IS NULL OR status = ?3) \
+             ORDER BY seq DESC LIMIT ?4"
+        );
+        let mut statement = state.connection.prepare_cached(&sql)?;
+        let status = filter.status.map(JobStatus::as_str);
+        let jobs = statement
+            .query_map(
+                params![user_id, filter.notebook_id, status, filter.limit],
+                job_from_row,
+            )?
+            .collect::<rusqlite::Result<Vec<Job>>>()?;
+        Ok(jobs)
+    }
+
+    fn claim_next(&self) -> Result<Option<Job>, StoreError> {
+        let mut state = self.lock();
+        let transaction = write(&mut state.connection)?;
+        let sql = format!(
+            "UPDATE jobs SET status = 'running', updated_at = ?1 WHERE seq = \
+             (SELECT seq FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1) \
+             RETURNING {JOB_COLUMNS}"
+        );
+        let job = transaction
+            .prepare_cached(&sql)?
+            .query_row([crate::time::now_rfc3339()], job_from_row)
+            .optional()?;
+        transaction.commit()?;
+        Ok(job)
+    }
+
+    fn update(
+        &self,
+        job_id: &str,
+        expected: &[JobStatus],
+        change: JobChange,
+    ) -> Result<Updated, StoreError> {
+        let mut state = self.lock();
+        let transaction = write(&mut state.connection)?;
+        let status = transaction
+            .prepare_cached("SELECT status FROM jobs WHERE id = ?1")?
+            .query_row([job_id], |row| status_at(row, 0))
+            .optional()?;
+        let Some(status) = status else {
+            return Ok(Updated::Missing);
+        };
+        if !expected.contains(&status) {
+            return Ok(Updated::Refused(status));
+        }
+        let sql = format!(
+            "UPDATE jobs SET status = ?2, result = coalesce(?3, result), \
+             error = coalesce(?4, error), retry_count = coalesce(?5, retry_count), \
+             updated_at = ?6 WHERE id = ?1 RETURNING {JOB_COLUMNS}"
+        );
+        let job = transaction.prepare_cached(&sql)?.query_row(
+            params![
+                job_id,
+                change.status.as_str(),
+                change.result.map(|result| result.to_string()),
+                change.error,
+                change.retry_count,
+                crate::time::now_rfc3339(),
+            ],
+            job_from_row,
+        )?;
+        transaction.commit()?;
+        Ok(Updated::Applied(Box::new(job)))
+    }
+
+    fn queued_ids(&self) -> Result<Vec<String>, StoreError> {
+        let state = self.lock();
+        let mut statement = state
+            .connection
+            .prepare_cached("SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq")?;
+        let ids = statement
+            .query_map([], |row| row.get(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()?;
+        Ok(ids)
+    }
+
+    fn count_by_status(&self) -> Result<Vec<(JobStatus, usize)>, StoreError> {
+        let state = self.lock();
+        let mut statement = state
+            .connection
+            .prepare_cached("SELECT status, count(*) FROM jobs GROUP BY status")?;
+        let counted = statement
+            .query_map([], |row| Ok((status_at(row, 0)?, row.get::<_, usize>(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(JobStatus::ALL
+            .into_iter()
+            .map(|status| {
+                let count = counted
+                    .iter()
+                    .find(|(counted, _)| *counted == status)
+                    .map_or(0, |(_, count)| *count);
+                (status, count)
+            })
+            .collect())
+    }
+
+    fn requeue_interrupted(&self, max_retries: u32) -> Result<Vec<Job>, StoreError> {
+        let mut state = self.lock();
+        let transaction = write(&mut state.connection)?;
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE status = 'running' ORDER BY seq");
+        let interrupted = transaction
+            .prepare(&sql)?
+            .query_map([], job_from_row)?
+            .collect::<rusqlite::Result<Vec<Job>>>()?;
+        let now = crate::time::now_rfc3339();
+        let mut changed = Vec::with_capacity(interrupted.len());
+        for mut job in interrupted {
+            // The interrupted attempt counts: a job cannot crash the server forever.
+            if job.retry_count >= max_retries {
+                job.status = JobStatus::Failed;
+                job.error = Some(format!(
+                    "interrupted by a server restart during attempt {}, and no retries were left",
+                    job.retry_count + 1
+                ));
+            } else {
+                job.status = JobStatus::Queued;
+                job.retry_count += 1;
+            }
+            job.updated_at = now.clone();
+            transaction.execute(
+                "UPDATE jobs SET status = ?2, error = ?3, retry_count = ?4, updated_at = ?5 \
+                 WHERE id = ?1",
+                params![
+                    job.id,
+                    job.status.as_str(),
+                    job.error,
+                    job.retry_count,
+                    job.updated_at
+                ],
+            )?;
+            changed.push(job);
+        }
+        transaction.commit()?;
+        Ok(changed)
+    }
+}
+
+/// Starts a write transaction that takes the write lock at once, so its reads cannot be
+/// invalidated by another connection's commit before it writes.
+fn write(connection: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
+    connection.transaction_with_behavior(TransactionBehavior::Immediate)
+}
+
+fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
+    let artifact_type: String = row.get(3)?;
+    let artifact_type = ArtifactType::parse(&artifact_type)
+        .ok_or_else(|| invalid(3, format!("unknown artifact type {artifact_type:?}")))?;
+    let result = row
+        .get::<_, Option<String>>(9)?
+        .map(|text| serde_json::from_str(&text))
+        .transpose()
+        .map_err(|error| invalid(9, format!("result is not JSON: {error}")))?;
+    Ok(Job {
+        id: row.get(0)?,
+        user_id: row.get(1)?,
+        notebook_id: row.get(2)?,
+        artifact_type,
+        content: row.get(4)?,
+        count: row.get(5)?,
+        status: status_at(row, 6)?,
+        created_at: row.get(7)?,
+        updated_at: row.get(8)?,
+        result,
+        error: row.get(10)?,
+        retry_count: row.get(11)?,
+    })
+}
+
+fn status_at(row: &Row<'_>, index: usize) -> rusqlite::Result<JobStatus> {
+    let status: String = row.get(index)?;
+    JobStatus::parse(&status).ok_or_else(|| invalid(index, format!("unknown status {status:?}")))
+}
+
+fn invalid(index: usize, problem: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(index, Type::Text, problem.into())
+}

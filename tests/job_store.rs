@@ -1,0 +1,318 @@
+//! The `JobStore` contract, checked against every store: the same calls give the same jobs, in
+//! the same order, with the same JSON. The SQLite store's own promises (restarts, recovery,
+//! atomic claims across connections) follow.
+
+mod common;
+
+use artifact_events::jobs::{
+    ArtifactType, Job, JobChange, JobFilter, JobStatus, JobStore, MemoryJobStore, Updated,
+};
+use serde_json::json;
+
+fn job(user_id: &str, notebook_id: &str) -> Job {
+    Job::new(
+        user_id,
+        notebook_id,
+        ArtifactType::Quiz,
+        "Some content.".to_owned(),
+        5,
+    )
+}
+
+fn all(limit: usize) -> JobFilter {
+    JobFilter {
+        limit,
+        ..JobFilter::default()
+    }
+}
+
+fn ids(jobs: &[Job]) -> Vec<&str> {
+    jobs.iter().map(|job| job.id.as_str()).collect()
+}
+
+/// Everything a store must do, given a way to open an empty one that keeps at most `max_jobs`.
+fn behaves_like_a_job_store(open: &dyn Fn(usize) -> Box<dyn JobStore>) {
+    let store = open(100);
+    let first = job("alice", "nb1");
+    let second = job("alice", "nb2");
+    let bobs = job("bob", "nb1");
+    for job in [&first, &second, &bobs] {
+        store.create(job.clone()).unwrap();
+    }
+    assert_eq!(store.get(&first.id).unwrap().as_ref(), Some(&first));
+    assert_eq!(store.get("no-such-job").unwrap(), None);
+    assert_eq!(
+        store.queued_ids().unwrap(),
+        [first.id.clone(), second.id.clone(), bobs.id.clone()]
+    );
+
+    // Listing: the user's own, newest first, filtered, limited.
+    assert_eq!(
+        ids(&store.list("alice", &all(10)).unwrap()),
+        [&second.id, &first.id]
+    );
+    let in_nb1 = JobFilter {
+        notebook_id: Some("nb1".to_owned()),
+        ..all(10)
+    };
+    assert_eq!(ids(&store.list("alice", &in_nb1).unwrap()), [&first.id]);
+    assert_eq!(ids(&store.list("alice", &all(1)).unwrap()), [&second.id]);
+
+    // Claiming takes the oldest queued job and marks it running.
+    let claimed = store.claim_next().unwrap().expect("a queued job");
+    assert_eq!(claimed.id, first.id);
+    assert_eq!(claimed.status, JobStatus::Running);
+    let running = JobFilter {
+        status: Some(JobStatus::Running),
+        ..all(10)
+    };
+    assert_eq!(ids(&store.list("alice", &running).unwrap()), [&first.id]);
+
+    // A cancelled queued job is never claimed.
+    let cancelled = store
+        .update(
+            &second.id,
+            &[JobStatus::Queued],
+            JobChange::to(JobStatus::Cancelled),
+        )
+        .unwrap();
+    assert!(matches!(cancelled, Updated::Applied(ref job) if job.status == JobStatus::Cancelled));
+    assert_eq!(store.claim_next().unwrap().unwrap().id, bobs.id);
+    assert_eq!(store.claim_next().unwrap(), None);
+    assert!(store.queued_ids().unwrap().is_empty());
+
+    // Compare-and-set: applied from an expected status, refused from another, missing.
+    let completed = JobChange {
+        result: Some(json!({"questions": [{"question": "q", "answer_index": 0}]})),
+        retry_count: Some(1),
+        ..JobChange::to(JobStatus::Completed)
+    };
+    let Updated::Applied(done) = store
+        .update(&first.id, &[JobStatus::Running], completed.clone())
+        .unwrap()
+    else {
+        panic!("the running job completes");
+    };
+    assert_eq!(done.result, completed.result);
+    assert_eq!(done.retry_count, 1);
+    assert_eq!(done.error, None);
+    assert_eq!(done.created_at, first.created_at);
+    assert_eq!(store.get(&first.id).unwrap().as_ref(), Some(&*done));
+    assert_eq!(
+        store
+            .update(&first.id, &[JobStatus::Running], completed)
+            .unwrap(),
+        Updated::Refused(JobStatus::Completed)
+    );
+    assert_eq!(
+        store
+            .update(
+                "no-such-job",
+                &[JobStatus::Running],
+                JobChange::to(JobStatus::Failed)
+            )
+            .unwrap(),
+        Updated::Missing
+    );
+    let failed = JobChange {
+        error: Some("it broke".to_owned()),
+        ..JobChange::to(JobStatus::Failed)
+    };
+    let Updated::Applied(failed) = store
+        .update(&bobs.id, &[JobStatus::Running], failed)
+        .unwrap()
+    else {
+        panic!("the running job fails");
+    };
+    assert_eq!(
+        failed.to_json(),
+        json!({
+            "job_id": bobs.id, "status": "failed", "artifact_type": "quiz",
+            "notebook_id": "nb1", "created_at": bobs.created_at,
+            "updated_at": failed.updated_at, "result": null, "error": "it broke",
+            "retry_count": 0,
+        })
+    );
+    let counts = store.count_by_status().unwrap();
+    assert_eq!(
+        counts,
+        [
+            (JobStatus::Queued, 0),
+            (JobStatus::Running, 0),
+            (JobStatus::Completed, 1),
+            (JobStatus::Failed, 1),
+            (JobStatus::Cancelled, 1),
+        ]
+    );
+
+    // Bounded: the oldest finished job makes room; with none finished, the store is full.
+    let small = open(2);
+    let (oldest, newer) = (job("carol", "nb"), job("carol", "nb"));
+    small.create(oldest.clone()).unwrap();
+    small.create(newer.clone()).unwrap();
+    assert!(
+        small.create(job("carol", "nb")).is_err(),
+        "full of unfinished jobs"
+    );
+    small.claim_next().unwrap();
+    small
+        .update(
+            &oldest.id,
+            &[JobStatus::Running],
+            JobChange::to(JobStatus::Failed),
+        )
+        .unwrap();
+    let third = job("carol", "nb");
+    small.create(third.clone()).unwrap();
+    assert_eq!(
+        small.get(&oldest.id).unwrap(),
+        None,
+        "the finished one went"
+    );
+    assert_eq!(
+        ids(&small.list("carol", &all(10)).unwrap()),
+        [&third.id, &newer.id]
+    );
+}
+
+#[test]
+fn the_memory_store_keeps_the_contract() {
+    behaves_like_a_job_store(&|max_jobs| Box::new(MemoryJobStore::new(max_jobs)));
+}
+
+#[test]
+fn the_memory_store_has_nothing_to_requeue() {
+    let store = MemoryJobStore::new(10);
+    store.create(job("alice", "nb")).unwrap();
+    store.claim_next().unwrap();
+    assert!(store.requeue_interrupted(1).unwrap().is_empty());
+}
+
+#[cfg(feature = "sqlite")]
+mod sqlite {
+    use std::collections::HashSet;
+    use std::sync::Arc;
+
+    use artifact_events::jobs::SqliteJobStore;
+
+    use super::*;
+    use crate::common::TempDir;
+
+    #[test]
+    fn the_sqlite_store_keeps_the_contract() {
+        let directory = TempDir::new("contract");
+        let opened = std::cell::Cell::new(0);
+        behaves_like_a_job_store(&|max_jobs| {
+            opened.set(opened.get() + 1);
+            let path = directory.join(&format!("jobs-{}.db", opened.get()));
+            Box::new(SqliteJobStore::open(&path, max_jobs).unwrap())
+        });
+    }
+
+    #[test]
+    fn jobs_survive_reopening_the_file_exactly() {
+        let directory = TempDir::new("reopen");
+        let path = directory.join("jobs.db");
+        let store = SqliteJobStore::open(&path, 100).unwrap();
+        let finished = job("alice", "nb");
+        store.create(finished.clone()).unwrap();
+        store.claim_next().unwrap();
+        let change = JobChange {
+            result: Some(json!({"summary": "s", "key_points": ["a", "b"]})),
+            ..JobChange::to(JobStatus::Completed)
+        };
+        let Updated::Applied(finished) = store
+            .update(&finished.id, &[JobStatus::Running], change)
+            .unwrap()
+        else {
+            panic!("completes");
+        };
+        let queued = job("alice", "nb");
+        store.create(queued.clone()).unwrap();
+        drop(store);
+
+        let reopened = SqliteJobStore::open(&path, 100).unwrap();
+        assert_eq!(
+            reopened.get(&finished.id).unwrap().as_ref(),
+            Some(&*finished)
+        );
+        assert_eq!(reopened.get(&queued.id).unwrap(), Some(queued.clone()));
+        assert_eq!(reopened.queued_ids().unwrap(), [queued.id]);
+        let version: usize = rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT version FROM schema_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, artifact_events::database::SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn running_jobs_of_a_dead_process_are_requeued_in_creation_order_or_failed() {
+        let directory = TempDir::new("requeue");
+        let path = directory.join("jobs.db");
+        let store = SqliteJobStore::open(&path, 100).unwrap();
+        let jobs: Vec<Job> = (0..4).map(|_| job("alice", "nb")).collect();
+        for job in &jobs {
+            store.create(job.clone()).unwrap();
+        }
+        // Jobs 0 and 1 are running, 1 already on its retry; 2 and 3 are still queued.
+        store.claim_next().unwrap();
+        store.claim_next().unwrap();
+        let retrying = JobChange {
+            retry_count: Some(1),
+            ..JobChange::to(JobStatus::Running)
+        };
+        store
+            .update(&jobs[1].id, &[JobStatus::Running], retrying)
+            .unwrap();
+        drop(store); // the process dies
+
+        let store = SqliteJobStore::open(&path, 100).unwrap();
+        let changed = store.requeue_interrupted(1).unwrap();
+        assert_eq!(ids(&changed), [&jobs[0].id, &jobs[1].id]);
+        assert_eq!(changed[0].status, JobStatus::Queued);
+        assert_eq!(changed[0].retry_count, 1, "the interrupted attempt counts");
+        assert_eq!(changed[1].status, JobStatus::Failed);
+        assert_eq!(changed[1].retry_count, 1);
+        assert_eq!(
+            changed[1].error.as_deref(),
+            Some("interrupted by a server restart during attempt 2, and no retries were left")
+        );
+        assert_eq!(store.get(&jobs[1].id).unwrap().as_ref(), Some(&changed[1]));
+        let claims: Vec<Job> = std::iter::from_fn(|| store.claim_next().unwrap()).collect();
+        assert_eq!(ids(&claims), [&jobs[0].id, &jobs[2].id, &jobs[3].id]);
+    }
+
+    #[test]
+    fn two_connections_claiming_at_once_never_take_the_same_job() {
+        let directory = TempDir::new("claims");
+        let path = directory.join("jobs.db");
+        let seeding = SqliteJobStore::open(&path, 1000).unwrap();
+        let created: HashSet<String> = (0..300)
+            .map(|_| {
+                let job = job("alice", "nb");
+                seeding.create(job.clone()).unwrap();
+                job.id
+            })
+            .collect();
+        let together = Arc::new(std::sync::Barrier::new(2));
+        let claimers: Vec<_> = (0..2)
+            .map(|_| {
+                let store = SqliteJobStore::open(&path, 1000).unwrap();
+                let together = together.clone();
+                std::thread::spawn(move || {
+                    together.wait();
+                    std::iter::from_fn(|| store.claim_next().unwrap())
+                        .map(|job| job.id)
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let claimed: Vec<String> = claimers
+            .into_iter()
+            .flat_map(|claimer| claimer.join().unwrap())
+            .collect();
+        let distinct: HashSet<String> = claimed.iter().cloned().collect();
+        assert_eq!(claimed.len(), distinct.len(), "a job was claimed twice");
+        assert_eq!(distinct, created);
+    }
+}
