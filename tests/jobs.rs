@@ -274,8 +274,9 @@ async fn the_store_holds_the_final_status_before_the_event_is_published() {
     server.stop().await;
 }
 
-/// Misbehaves on request: content starting `panic:`, `hang:`, `error:`, `slow:` (takes 300 ms)
-/// or `flaky:` (fails its first attempt only); the rest goes to the offline generator.
+/// Misbehaves on request: content starting `panic:`, `hang:`, `error:`, `slow:` (takes 300 ms),
+/// `block:` (blocks its thread for 300 ms, like CPU-bound work that never yields) or `flaky:`
+/// (fails its first attempt only); the rest goes to the offline generator.
 #[derive(Default)]
 struct ScriptedGenerator {
     flaky_attempts: AtomicUsize,
@@ -296,6 +297,10 @@ impl ArtifactGenerator for ScriptedGenerator {
             }
             if content.starts_with("slow:") {
                 tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            if content.starts_with("block:") {
+                // The rest of the runtime moves to another thread meanwhile.
+                tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(300)));
             }
             if content.starts_with("error:") {
                 return Err(GenerationError("scripted upstream outage".to_owned()));
@@ -489,6 +494,43 @@ async fn queued_and_running_jobs_can_be_cancelled_finished_ones_cannot() {
         finished.expect_error(StatusCode::CONFLICT),
         "job is already completed"
     );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_of_a_job_is_published_after_its_cancelled_event() {
+    let server =
+        TestServer::start_with_generator(scripted_config(), Arc::new(ScriptedGenerator::default()))
+            .await;
+    let token = server.token("alice");
+    let mut client = SseClient::connected(server.addr, &token).await;
+    let job = submit(
+        &server,
+        &token,
+        generate_body("summary", &format!("block:{PHOTOSYNTHESIS}"), json!({})),
+    )
+    .await;
+    let started = client.next_event().await;
+    assert_eq!(started["job_id"], job.as_str());
+    // The worker's thread is blocked inside the generator: the cancel is served by the other.
+    let reply = send(
+        server.addr,
+        request(
+            "POST",
+            &format!("/ai/artifact/jobs/{job}/cancel"),
+            Some(&token),
+            "",
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let cancelled = client.next_event().await;
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    match client.next_frame_within(Duration::from_millis(800)).await {
+        Err(()) => {}
+        Ok(frame) => panic!("an event after artifact.cancelled: {frame:?}"),
+    }
+    assert_eq!(get_job(&server, &token, &job).await["status"], "cancelled");
     server.stop().await;
 }
 

@@ -53,7 +53,30 @@ pub struct ArtifactWorker {
     wake: Notify,
     stopping: AtomicBool,
     /// Cancel signals of running jobs, by job id. A std `Mutex`: only map edits happen under it.
-    running: Mutex<HashMap<String, Arc<Notify>>>,
+    running: Mutex<HashMap<String, Arc<Cancellation>>>,
+}
+
+/// How a cancel reaches a running job: the flag stops its events even where the job's
+/// steps run without yielding; the notify ends its wait.
+#[derive(Default)]
+struct Cancellation {
+    requested: AtomicBool,
+    signal: Notify,
+    /// Held while the job publishes and while a cancel sets the flag and publishes
+    /// `artifact.cancelled`, so no event of the job can follow that one.
+    publishing: tokio::sync::Mutex<()>,
+}
+
+impl Cancellation {
+    fn cancel(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        // `notify_one` keeps a permit when nobody waits yet, so the job still sees it.
+        self.signal.notify_one();
+    }
+
+    fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
 }
 
 impl ArtifactWorker {
@@ -99,9 +122,15 @@ impl ArtifactWorker {
             .update(job_id, &expected, JobChange::to(JobStatus::Cancelled))?
         {
             Updated::Applied(job) => {
-                if let Some(signal) = self.lock_running().get(job_id) {
-                    signal.notify_one();
-                }
+                let cancellation = self.lock_running().get(job_id).cloned();
+                let _turn = match &cancellation {
+                    Some(cancellation) => {
+                        let turn = cancellation.publishing.lock().await;
+                        cancellation.cancel();
+                        Some(turn)
+                    }
+                    None => None,
+                };
                 log::info!("job {job_id} cancelled");
                 let mut data = job.event_data();
                 data["status"] = json!(JobStatus::Cancelled.as_str());
@@ -185,23 +214,36 @@ impl ArtifactWorker {
                 error: Some("internal error in the worker".to_owned()),
                 ..JobChange::to(JobStatus::Failed)
             };
-            if let Err(error) = self.store.update(&job_id, &[JobStatus::Running], change) {
-                log::error!("cannot mark job {job_id} failed: {error}");
+            match self.store.update(&job_id, &[JobStatus::Running], change) {
+                Ok(Updated::Applied(stored)) => {
+                    self.publish(EventType::FAILED, failed_event_data(&stored))
+                        .await;
+                }
+                Ok(_) => {}
+                Err(error) => log::error!("cannot mark job {job_id} failed: {error}"),
             }
         }
     }
 
     async fn process(&self, job: Job) {
         log::info!("processing job {} ({})", job.id, job.artifact_type.as_str());
-        let cancelled = Arc::new(Notify::new());
+        let cancellation = Arc::new(Cancellation::default());
         self.lock_running()
-            .insert(job.id.clone(), cancelled.clone());
+            .insert(job.id.clone(), cancellation.clone());
+        // A cancel between claiming the job and registering it above found nothing to signal.
+        if !matches!(self.store.get(&job.id), Ok(Some(stored)) if stored.status == JobStatus::Running)
+        {
+            self.lock_running().remove(&job.id);
+            log::info!("job {} stopped: cancelled before it started", job.id);
+            return;
+        }
         let mut started = job.event_data();
         started["status"] = json!(JobStatus::Running.as_str());
-        self.publish(EventType::STARTED, started).await;
+        self.publish_unless_cancelled(&job.id, EventType::STARTED, started)
+            .await;
         let outcome = tokio::select! {
             outcome = self.run_attempts(&job) => Some(outcome),
-            () = cancelled.notified() => None,
+            () = cancellation.signal.notified() => None,
         };
         self.lock_running().remove(&job.id);
         let Some((outcome, retry_count)) = outcome else {
@@ -342,7 +384,19 @@ impl ArtifactWorker {
         data["status"] = json!(JobStatus::Running.as_str());
         data["progress"] = json!(percent);
         data["stage"] = json!(stage);
-        self.publish(EventType::PROGRESS, data).await;
+        self.publish_unless_cancelled(&job.id, EventType::PROGRESS, data)
+            .await;
+    }
+
+    /// Publishes an event of a running job, unless the job was cancelled meanwhile.
+    async fn publish_unless_cancelled(&self, job_id: &str, event_type: EventType, data: Value) {
+        let Some(cancellation) = self.lock_running().get(job_id).cloned() else {
+            return;
+        };
+        let _turn = cancellation.publishing.lock().await;
+        if !cancellation.is_requested() {
+            self.publish(event_type, data).await;
+        }
     }
 
     async fn publish(&self, event_type: EventType, data: Value) {
@@ -351,7 +405,7 @@ impl ArtifactWorker {
         log::info!("job {job_id}: published {event_type}");
     }
 
-    fn lock_running(&self) -> MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+    fn lock_running(&self) -> MutexGuard<'_, HashMap<String, Arc<Cancellation>>> {
         // Only map edits happen under this lock, so a poisoned map is still consistent.
         self.running.lock().unwrap_or_else(PoisonError::into_inner)
     }
