@@ -797,7 +797,7 @@ async fn a_burst_of_200_jobs_across_20_users_ends_each_in_one_terminal_event_to_
 }
 
 #[tokio::test]
-async fn shutdown_lets_the_running_job_finish_and_leaves_queued_ones_queued() {
+async fn shutdown_lets_the_running_job_finish_and_announce_itself_and_leaves_queued_ones_queued() {
     let server =
         TestServer::start_with_generator(scripted_config(), Arc::new(ScriptedGenerator::default()))
             .await;
@@ -819,6 +819,16 @@ async fn shutdown_lets_the_running_job_finish_and_leaves_queued_ones_queued() {
     let state = server.state.clone();
 
     server.stop().await;
+    // The stream stayed open until the running job had finished, so its client heard of it.
+    let mut seen = Vec::new();
+    while let Some(frame) = client.next_frame().await {
+        seen.push(frame);
+    }
+    assert!(
+        seen.iter()
+            .any(|frame| frame.contains(&running) && frame.contains("\"result\"")),
+        "the completed event reached the client before its stream ended: {seen:?}"
+    );
     let store = state.jobs.store();
     assert_eq!(
         store.get(&running).unwrap().unwrap().status,

@@ -246,22 +246,18 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         });
     }
     drop(listener);
-    log::info!(
-        "shutting down: ending {} open streams",
-        state.streams.stream_count()
-    );
-    keepalives.abort();
-    state.streams.close_all();
+    // Jobs first, streams after: a job that finishes within the grace period still reaches
+    // the clients waiting for it.
     state.jobs.stop();
     let grace = state.config.shutdown_grace;
-    let drained = async {
-        graceful.shutdown().await;
+    let deadline = tokio::time::Instant::now() + grace;
+    let jobs_done = async {
         for worker in workers {
             let _ = worker.await;
         }
     };
-    if tokio::time::timeout(grace, drained).await.is_err() {
-        log::warning!("connections or jobs still running after {grace:?}; exiting anyway");
+    if tokio::time::timeout_at(deadline, jobs_done).await.is_err() {
+        log::warning!("jobs still running after {grace:?}; ending them with the process");
     }
     match state.jobs.store().queued_ids() {
         Ok(queued) if queued.is_empty() => {}
@@ -271,6 +267,18 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
             queued.join(", ")
         ),
         Err(error) => log::error!("cannot list queued jobs: {error}"),
+    }
+    log::info!(
+        "shutting down: ending {} open streams",
+        state.streams.stream_count()
+    );
+    keepalives.abort();
+    state.streams.close_all();
+    if tokio::time::timeout_at(deadline, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        log::warning!("connections still open after {grace:?}; exiting anyway");
     }
     state.streams.finish_persisting();
     log::info!("stopped");
