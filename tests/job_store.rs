@@ -173,6 +173,25 @@ fn behaves_like_a_job_store(open: &dyn Fn(usize) -> Box<dyn JobStore>) {
         ids(&small.list("carol", &all(10)).unwrap()),
         [&third.id, &newer.id]
     );
+
+    // A finished job keeps its result but lets go of its content, which only ran it.
+    let store = open(10);
+    let done = job("dave", "nb");
+    store.create(done.clone()).unwrap();
+    assert_eq!(
+        store.claim_next().unwrap().unwrap().content,
+        "Some content."
+    );
+    let change = JobChange {
+        result: Some(json!({"summary": "s"})),
+        ..JobChange::to(JobStatus::Completed)
+    };
+    store
+        .update(&done.id, &[JobStatus::Running], change)
+        .unwrap();
+    let stored = store.get(&done.id).unwrap().unwrap();
+    assert_eq!(stored.content, "");
+    assert_eq!(stored.result, Some(json!({"summary": "s"})));
 }
 
 #[test]

@@ -174,7 +174,8 @@ impl JobStore for SqliteJobStore {
         let sql = format!(
             "UPDATE jobs SET status = ?2, result = coalesce(?3, result), \
              error = coalesce(?4, error), retry_count = coalesce(?5, retry_count), \
-             updated_at = ?6 WHERE id = ?1 RETURNING {JOB_COLUMNS}"
+             updated_at = ?6, content = CASE WHEN ?7 THEN '' ELSE content END \
+             WHERE id = ?1 RETURNING {JOB_COLUMNS}"
         );
         let job = transaction.prepare_cached(&sql)?.query_row(
             params![
@@ -184,6 +185,8 @@ impl JobStore for SqliteJobStore {
                 change.error,
                 change.retry_count,
                 crate::time::now_rfc3339(),
+                // The content is needed only to run the job: a finished job drops it.
+                change.status.is_finished(),
             ],
             job_from_row,
         )?;

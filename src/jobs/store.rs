@@ -206,6 +206,10 @@ impl JobStore for MemoryJobStore {
             job.retry_count = retry_count;
         }
         job.updated_at = crate::time::now_rfc3339();
+        if job.status.is_finished() {
+            // The content (up to 100 KB) is needed only to run the job.
+            job.content = String::new();
+        }
         Ok(Updated::Applied(Box::new(job.clone())))
     }
 
