@@ -402,6 +402,12 @@ async fn connections_beyond_the_limit_get_503_with_retry_after() {
     let third = send(server.addr, request("GET", "/healthz", None, "")).await;
     third.expect_error(StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(third.headers["retry-after"], "5");
+    assert_eq!(third.headers["connection"], "close");
+    let metrics = server.state.metrics.render(0, &[]);
+    assert!(
+        metrics.contains("class=\"5xx\"} 1"),
+        "the refusal is counted like any answer: {metrics}"
+    );
     drop(_first);
     // A freed slot is usable again.
     let deadline = tokio::time::Instant::now() + common::PATIENCE;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
-use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Response, StatusCode};
@@ -225,7 +225,7 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
                 // request's state as soon as a stream's response head is ready.
                 Box::pin(async move {
                     Ok::<_, Infallible>(match at_capacity {
-                        true => over_capacity_response(),
+                        true => router::over_capacity(&state, &request),
                         false => handle(state, disconnect, request).await,
                     })
                 })
@@ -330,13 +330,5 @@ pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<R
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
-}
-
-fn over_capacity_response() -> Response<ResponseBody> {
-    let mut response = ApiError::Unavailable("server is at its connection limit").into_response();
-    response
-        .headers_mut()
-        .insert(CONNECTION, HeaderValue::from_static("close"));
     response
 }

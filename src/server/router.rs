@@ -9,7 +9,7 @@ use hyper::body::Body;
 use hyper::header::{
     HeaderMap, HeaderValue, ACCESS_CONTROL_ALLOW_CREDENTIALS, ACCESS_CONTROL_ALLOW_HEADERS,
     ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_MAX_AGE, ALLOW,
-    CONTENT_LENGTH, CONTENT_TYPE, ORIGIN, VARY,
+    CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, ORIGIN, VARY,
 };
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
@@ -42,7 +42,7 @@ pub async fn handle(
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let cors = cors_grant(&state.config.cors_allow_origins, request.headers());
-    let mut response = match catch_unwind(route(state.clone(), disconnect, request)).await {
+    let response = match catch_unwind(route(state.clone(), disconnect, request)).await {
         Ok(Ok(response)) => response,
         // A known path answers OPTIONS with what it allows: the CORS preflight.
         Ok(Err(ApiError::MethodNotAllowed(allow))) if method == Method::OPTIONS => preflight(allow),
@@ -52,6 +52,31 @@ pub async fn handle(
             ApiError::Internal.into_response()
         }
     };
+    finish(&state, cors, &method, &path, response)
+}
+
+/// Answers a request on a connection over `MAX_CONNECTIONS`: 503, and the connection closes.
+pub(super) fn over_capacity(
+    state: &AppState,
+    request: &Request<impl RequestBody>,
+) -> Response<ResponseBody> {
+    let cors = cors_grant(&state.config.cors_allow_origins, request.headers());
+    let mut response = ApiError::Unavailable("server is at its connection limit").into_response();
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    let (method, path) = (request.method(), request.uri().path());
+    finish(state, cors, method, path, response)
+}
+
+/// What every answer gets: CORS headers, a count in the metrics, a debug log line.
+fn finish(
+    state: &AppState,
+    cors: CorsGrant,
+    method: &Method,
+    path: &str,
+    mut response: Response<ResponseBody>,
+) -> Response<ResponseBody> {
     cors.apply(&state.config.cors_allow_origins, response.headers_mut());
     state.metrics.count_response(response.status().as_u16());
     log::debug!("{method} {path} -> {}", response.status().as_u16());
