@@ -329,7 +329,7 @@ impl StreamIndex {
     fn disconnect_slow(&self, user_id: &str, stream: &StreamEntry) {
         self.metrics.count_slow_consumer_disconnect();
         log::warning!(
-            "disconnecting a slow SSE client of user {user_id}: {} frames queued",
+            "disconnecting a slow SSE client of user {user_id}: its queue of {} frames is full",
             self.settings.queue_capacity
         );
         stream.frames.close();
