@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::events::EventType;
@@ -19,6 +19,11 @@ pub struct Metrics {
     slow_consumer_disconnects: AtomicU64,
     /// Responses by status class, 1xx to 5xx.
     responses: [AtomicU64; 5],
+    /// Set once events cross processes through Redis; the Redis gauges are shown from then.
+    redis_in_use: AtomicBool,
+    redis_reachable: AtomicBool,
+    redis_outbox: AtomicU64,
+    redis_outages: AtomicU64,
 }
 
 /// What happened to the events of one type.
@@ -63,6 +68,17 @@ impl Metrics {
         {
             class.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Records the state of the Redis relay: whether Redis is reachable, and how many events
+    /// wait in the outbox for it.
+    pub fn set_redis_state(&self, reachable: bool, outbox: usize) {
+        self.redis_in_use.store(true, Ordering::Relaxed);
+        let was_reachable = self.redis_reachable.swap(reachable, Ordering::Relaxed);
+        if was_reachable && !reachable {
+            self.redis_outages.fetch_add(1, Ordering::Relaxed);
+        }
+        self.redis_outbox.store(outbox as u64, Ordering::Relaxed);
     }
 
     /// Streams closed so far because their clients stopped reading.
@@ -143,6 +159,28 @@ impl Metrics {
                 "{name}{{class=\"{}xx\"}} {}",
                 class + 1,
                 count.load(Ordering::Relaxed)
+            );
+        }
+        if self.redis_in_use.load(Ordering::Relaxed) {
+            let reachable = self.redis_reachable.load(Ordering::Relaxed);
+            let outbox = self.redis_outbox.load(Ordering::Relaxed) as usize;
+            gauge(
+                &mut out,
+                "artifact_events_redis_reachable",
+                "1 while Redis is reachable, 0 during an outage.",
+                usize::from(reachable),
+            );
+            gauge(
+                &mut out,
+                "artifact_events_redis_outbox_events",
+                "Events published during an outage, waiting to be appended to Redis.",
+                outbox,
+            );
+            let name = "artifact_events_redis_outages_total";
+            let _ = writeln!(
+                out,
+                "# HELP {name} Times Redis became unreachable.\n# TYPE {name} counter\n{name} {}",
+                self.redis_outages.load(Ordering::Relaxed)
             );
         }
         out

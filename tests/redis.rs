@@ -306,6 +306,15 @@ async fn a_redis_restart_during_a_publishing_run_loses_and_duplicates_nothing() 
     let after_a = read_events(&mut on_a, 1).await;
     let after_b = read_events(&mut on_b, 1).await;
     assert_eq!(after_a, after_b);
+    let metrics = common::send(a.addr, common::request("GET", "/metrics", None, "")).await;
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    for line in [
+        "artifact_events_redis_reachable 1",
+        "artifact_events_redis_outbox_events 0",
+        "artifact_events_redis_outages_total 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in {metrics}");
+    }
     let logs = a.log_lines().join("\n");
     assert!(logs.contains("is unreachable"), "{logs}");
     assert!(logs.contains("is back"), "{logs}");
@@ -334,6 +343,15 @@ async fn publishes_beyond_the_outbox_during_an_outage_are_reported_to_the_publis
         statuses.push(reply.status.as_u16());
     }
     assert_eq!(statuses, [202, 202, 202, 503, 503]);
+    let metrics = common::send(a.addr, common::request("GET", "/metrics", None, "")).await;
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    for line in [
+        "artifact_events_redis_reachable 0",
+        "artifact_events_redis_outbox_events 3",
+        "artifact_events_redis_outages_total 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in {metrics}");
+    }
     let local = read_events(&mut on_a, 5).await;
     assert_eq!(
         local.iter().map(|e| e.1).collect::<Vec<_>>(),

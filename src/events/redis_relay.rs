@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 use super::{BoxFuture, EventBus, EventType, PublishError, PublishResult, Relay};
 use crate::config::RedisSettings;
 use crate::log;
+use crate::metrics::Metrics;
 use crate::sse::{EventId, StreamIndex};
 
 /// How long one `XREAD` blocks before asking again; also how soon a silent outage is noticed.
@@ -44,6 +45,7 @@ pub struct RedisRelay {
     origin: String,
     bus: Arc<EventBus>,
     streams: Arc<StreamIndex>,
+    metrics: Arc<Metrics>,
     /// The connection publishers append with; `None` while Redis is unreachable.
     writer: Mutex<Option<MultiplexedConnection>>,
     /// Whether Redis is unreachable, and what was published meanwhile; one lock, so no
@@ -67,6 +69,7 @@ impl RedisRelay {
         settings: RedisSettings,
         bus: Arc<EventBus>,
         streams: Arc<StreamIndex>,
+        metrics: Arc<Metrics>,
         history_events: usize,
     ) -> Result<Arc<RedisRelay>, String> {
         let client = Client::open(settings.url.as_str())
@@ -76,6 +79,7 @@ impl RedisRelay {
             origin: crate::random::hex_token(8),
             bus: bus.clone(),
             streams,
+            metrics,
             writer: Mutex::new(None),
             outage: Mutex::new(Outage::default()),
             next_publish: AtomicU64::new(0),
@@ -94,6 +98,7 @@ impl RedisRelay {
             .await
             .map_err(unreachable)?;
         *lock(&relay.writer) = Some(writer);
+        relay.metrics.set_redis_state(true, 0);
         if !bus.set_relay(relay.clone()) {
             return Err("the event bus already has a relay".to_owned());
         }
@@ -224,6 +229,7 @@ impl RedisRelay {
 
     fn enter_outage(&self, error: &RedisError) {
         let mut outage = lock(&self.outage);
+        self.metrics.set_redis_state(false, outage.outbox.len());
         if !outage.down {
             outage.down = true;
             log::error!(
@@ -250,12 +256,16 @@ impl RedisRelay {
                     None => {
                         outage.down = false;
                         *lock(&self.writer) = Some(writer);
+                        self.metrics.set_redis_state(true, 0);
                         break;
                     }
                 }
             };
             self.append(&mut writer, &next.0, &next.1, None).await?;
-            lock(&self.outage).outbox.pop_front();
+            let mut outage = lock(&self.outage);
+            outage.outbox.pop_front();
+            self.metrics.set_redis_state(false, outage.outbox.len());
+            drop(outage);
             flushed += 1;
         }
         log::info!(
@@ -333,6 +343,7 @@ impl RedisRelay {
             let mut outage = lock(&self.outage);
             if outage.outbox.len() < self.settings.outbox_capacity {
                 outage.outbox.push_back((event_type.clone(), data));
+                self.metrics.set_redis_state(false, outage.outbox.len());
                 true
             } else {
                 false

@@ -158,6 +158,7 @@ impl AppState {
             settings,
             self.bus.clone(),
             self.streams.clone(),
+            self.metrics.clone(),
             history_events,
         )
         .await;
