@@ -74,7 +74,7 @@ else
   start_server; run cost_10 cost --others 10 --events 20000
   start_server; run cost_10000 cost --others 10000 --events 20000
   start_server; run publish publish --streams 10000 --users 1000 --rate 5000 --seconds 30
-  start_server; run ramp ramp --streams 2000 --users 20 --start 800 --seconds 4
+  start_server; run ramp ramp --streams 2000 --users 20 --start 1200 --seconds 4
   start_server; run stalled stalled --streams 1000 --events 1000000
 fi
 stop_server

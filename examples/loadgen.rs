@@ -7,7 +7,8 @@
 //!   cost     --others N --events E                     server CPU per publish with N other streams
 //!   publish  --streams C --users U --rate R --seconds D --connections K
 //!                                                      publish→receive latency, losses, leaks
-//!   ramp     --streams C --users U --connections K     highest delivered events/s with p99 ≤ 100 ms
+//!   ramp     --streams C --users U --connections K [--start R] [--step-percent P]
+//!                                                      highest delivered events/s with p99 ≤ 100 ms
 //!   stalled  --streams C --events E --connections K    RSS growth with C clients that never read
 //! ```
 //! `--publish-addr` sends the publishes to another server than the streams' `--addr` (two
@@ -176,6 +177,8 @@ async fn ramp(options: &Options) -> serde_json::Value {
     let fan_out = streams.count as f64 / streams.users as f64;
     let mut rate = options.number("start", 200);
     let seconds = options.number("seconds", 5);
+    // Small steps: the figure is the last rate that passed, so a coarse step understates it.
+    let step = 1.0 + options.number("step-percent", 10) as f64 / 100.0;
     let mut best: Option<serde_json::Value> = None;
     let mut steps = Vec::new();
     loop {
@@ -188,7 +191,7 @@ async fn ramp(options: &Options) -> serde_json::Value {
             break;
         }
         best = Some(run);
-        rate = (rate as f64 * 1.25) as u64;
+        rate = (rate as f64 * step) as u64;
     }
     json!({"scenario": "ramp", "streams": streams.count, "users": streams.users, "fan_out": fan_out,
            "best": best, "steps": steps})
