@@ -37,7 +37,9 @@ trap stop_server EXIT
 start_server() {
   stop_server
   port=$((port + 1))
-  env "$@" LOG_LEVEL=warn MAX_CONNECTIONS=100000 MAX_STREAMS_PER_USER=1000 \
+  # One process in memory: whatever Redis or database the caller's environment names is not
+  # part of what these scenarios measure.
+  env -u REDIS_URL -u DATABASE_PATH "$@" LOG_LEVEL=warn MAX_CONNECTIONS=100000 MAX_STREAMS_PER_USER=1000 \
     "${on_server_cpu[@]}" target/release/artifact-events --addr "127.0.0.1:$port" \
     </dev/null >/dev/null 2>>"$results/server.log" &
   server_pid=$!
