@@ -1,6 +1,7 @@
 //! The SQLite file behind durable jobs and event history: how it is opened, and its schema.
 
 use std::fmt;
+use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -66,6 +67,38 @@ impl fmt::Display for DatabaseError {
 }
 
 impl std::error::Error for DatabaseError {}
+
+/// Claims the database at `path` for this process for as long as the returned file is open,
+/// or says which file another process holds. Two servers on one file would each requeue the
+/// other's running jobs as interrupted, and hand out event ids the other also uses.
+pub fn claim(path: &Path) -> Result<File, DatabaseError> {
+    // A file beside the database, not the database itself: closing any descriptor of a file
+    // drops every POSIX lock SQLite holds on it, so this one must never share a file with them.
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let error = |reason: String| DatabaseError {
+        path: path.to_owned(),
+        reason,
+    };
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| error(format!("cannot open {}: {e}", lock_path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(error(format!(
+            "another artifact-events process is using it (it holds {}); run one server per \
+             database file",
+            lock_path.display()
+        ))),
+        Err(TryLockError::Error(e)) => {
+            Err(error(format!("cannot lock {}: {e}", lock_path.display())))
+        }
+    }
+}
 
 /// Opens (creating if need be) the database at `path` in WAL mode, and brings its schema up to
 /// [`SCHEMA_VERSION`].
@@ -176,6 +209,20 @@ mod tests {
             .query_row("SELECT seq FROM event_watermark", [], |row| row.get(0))
             .unwrap();
         assert_eq!(kept, 2);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_claimed_file_is_refused_until_its_claim_is_dropped() {
+        let path = temporary_path("claim");
+        let claim = claim(&path).unwrap();
+        let refused = super::claim(&path).unwrap_err();
+        assert!(
+            refused.reason.contains("another artifact-events process"),
+            "{refused}"
+        );
+        drop(claim);
+        drop(super::claim(&path).unwrap());
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 

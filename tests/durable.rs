@@ -264,3 +264,42 @@ async fn events_replay_after_a_restart_and_ids_never_repeat() {
     assert_ne!(first_job, second_job);
     server.terminate();
 }
+
+#[test]
+fn a_second_server_on_the_same_file_refuses_to_start_until_the_first_is_gone() {
+    let directory = TempDir::new("claim");
+    let database = directory.join("artifact-events.db");
+    let environment = [("DATABASE_PATH", database.to_str().unwrap())];
+    let first = RunningServer::start(&environment);
+
+    let mut second = std::process::Command::new(common::BINARY)
+        .env_remove("REDIS_URL")
+        .env("ADDR", "127.0.0.1:0")
+        .env("JWT_SECRET", common::SECRET)
+        .envs(environment)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let exit = loop {
+        if let Some(exit) = second.try_wait().unwrap() {
+            break exit;
+        }
+        if started.elapsed() > PATIENCE {
+            second.kill().unwrap();
+            panic!("a second server on the same file kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!exit.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("another artifact-events process is using it"),
+        "{stderr}"
+    );
+
+    // The claim dies with its process, however it ends: no stale lock to clean up by hand.
+    first.kill();
+    RunningServer::start(&environment).terminate();
+}

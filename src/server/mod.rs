@@ -52,6 +52,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The index's bus subscription, removed when the state is dropped.
     stream_handler: Handler,
+    /// Keeps other servers off the database file while this state lives.
+    _database_claim: Option<std::fs::File>,
 }
 
 impl AppState {
@@ -75,6 +77,7 @@ impl AppState {
         };
         #[cfg(feature = "sqlite")]
         {
+            let claim = crate::database::claim(&path).map_err(|error| error.to_string())?;
             let store = crate::jobs::SqliteJobStore::open(&path, config.max_jobs)
                 .map_err(|error| error.to_string())?;
             let metrics = Arc::new(Metrics::default());
@@ -97,6 +100,7 @@ impl AppState {
                 generator,
                 streams,
                 metrics,
+                Some(claim),
             ))
         }
         #[cfg(not(feature = "sqlite"))]
@@ -117,7 +121,7 @@ impl AppState {
     ) -> Arc<Self> {
         let metrics = Arc::new(Metrics::default());
         let streams = StreamIndex::new(config.stream_settings(), metrics.clone());
-        Self::assemble(config, bus, store, generator, streams, metrics)
+        Self::assemble(config, bus, store, generator, streams, metrics, None)
     }
 
     fn assemble(
@@ -127,6 +131,7 @@ impl AppState {
         generator: Arc<dyn ArtifactGenerator>,
         streams: Arc<StreamIndex>,
         metrics: Arc<Metrics>,
+        database_claim: Option<std::fs::File>,
     ) -> Arc<Self> {
         let jobs = ArtifactWorker::new(store, generator, bus.clone(), config.worker_config());
         let stream_handler = streams.attach(&bus);
@@ -139,6 +144,7 @@ impl AppState {
             jobs,
             metrics,
             stream_handler,
+            _database_claim: database_claim,
         })
     }
 }
