@@ -33,6 +33,11 @@ const READ_BATCH: usize = 1024;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a publisher waits to see its event come back from Redis and run here.
 const PUBLISH_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+tokio::task_local! {
+    /// Marks a task running this process's handlers for an entry read from the stream.
+    static DISPATCHING: ();
+}
+
 /// Reconnection backoff after an outage: from the first delay, doubling up to the last.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 
@@ -43,6 +48,8 @@ pub struct RedisRelay {
     /// Marks this process's entries, so it can match them to waiting publishers and skip the
     /// ones it already delivered during an outage.
     origin: String,
+    /// Marks the ids this process gives out during an outage, which no other process has.
+    outage_tag: u32,
     bus: Arc<EventBus>,
     streams: Arc<StreamIndex>,
     metrics: Arc<Metrics>,
@@ -77,6 +84,8 @@ impl RedisRelay {
         let relay = Arc::new(RedisRelay {
             client,
             origin: crate::random::hex_token(8),
+            outage_tag: u32::from_str_radix(&crate::random::hex_token(4), 16)
+                .expect("hex_token gives hex digits"),
             bus: bus.clone(),
             streams,
             metrics,
@@ -140,6 +149,14 @@ impl RedisRelay {
             .query_async(connection)
             .await?;
         let Some(newest) = reply.ids.first().map(|entry| entry.id.clone()) else {
+            // Redis numbers the first entries by its own clock, which may be behind ours: take
+            // its ids from its "now" on, rather than renumber them here and nowhere else.
+            let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(connection).await?;
+            let redis_now = seconds * 1000 + micros / 1000;
+            self.streams.resume_after(EventId {
+                epoch: redis_now.saturating_sub(1),
+                seq: 0,
+            });
             return Ok("0-0".to_owned());
         };
         if let Some(oldest) = reply.ids.last().and_then(|entry| EventId::parse(&entry.id)) {
@@ -159,21 +176,29 @@ impl RedisRelay {
     async fn read_loop(self: Arc<Self>, mut reader: MultiplexedConnection, mut last_read: String) {
         let mut backoff = BACKOFF.0;
         loop {
-            match self.read_batch(&mut reader, &mut last_read).await {
-                Ok(()) => backoff = BACKOFF.0,
+            let usable = match self.read_batch(&mut reader, &mut last_read).await {
+                // Reads can go on while appends fail (Redis out of memory, a read-only replica,
+                // the idle writer connection closed): the publish that failed started the
+                // outage, and only recovering ends it.
+                Ok(()) => !lock(&self.outage).down,
                 Err(error) => {
-                    self.enter_outage(&error);
-                    loop {
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(BACKOFF.1);
-                        match self.recover().await {
-                            Ok(connection) => {
-                                reader = connection;
-                                break;
-                            }
-                            Err(error) => log::debug!("Redis still unreachable: {error}"),
-                        }
+                    self.enter_outage(&error, true);
+                    false
+                }
+            };
+            if usable {
+                backoff = BACKOFF.0;
+                continue;
+            }
+            loop {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF.1);
+                match self.recover().await {
+                    Ok(connection) => {
+                        reader = connection;
+                        break;
                     }
+                    Err(error) => log::debug!("Redis still unusable: {error}"),
                 }
             }
         }
@@ -217,7 +242,9 @@ impl RedisRelay {
             return;
         };
         self.streams.deliver_identified(&event_type, &data, id);
-        let handlers = self.bus.dispatch(&event_type, Arc::new(data)).await;
+        let handlers = DISPATCHING
+            .scope((), self.bus.dispatch(&event_type, Arc::new(data)))
+            .await;
         if ours {
             if let Some(number) = entry.get::<u64>("publish") {
                 if let Some(waiter) = lock(&self.waiting).remove(&number) {
@@ -227,20 +254,23 @@ impl RedisRelay {
         }
     }
 
-    fn enter_outage(&self, error: &RedisError) {
+    /// Starts delivering locally; `reader_failed` says the reading connection is gone too, so
+    /// the publishers waiting to see their entry read back will not see it.
+    fn enter_outage(&self, error: &RedisError, reader_failed: bool) {
         let mut outage = lock(&self.outage);
         self.metrics.set_redis_state(false, outage.outbox.len());
         if !outage.down {
             outage.down = true;
             log::error!(
-                "Redis at {} is unreachable ({error}): delivering events locally and keeping them for the other processes until it is back",
+                "cannot use Redis at {} ({error}): delivering events locally and keeping them for the other processes until it is back",
                 self.settings.url
             );
         }
         drop(outage);
         *lock(&self.writer) = None;
-        // Publishers waiting for a confirmation will not get one from this connection.
-        lock(&self.waiting).clear();
+        if reader_failed {
+            lock(&self.waiting).clear();
+        }
     }
 
     /// Reconnects, appends the outbox, and ends the outage; returns a new reading connection.
@@ -306,50 +336,78 @@ impl RedisRelay {
 
     async fn publish(&self, event_type: EventType, event_data: Value) -> PublishResult {
         let data = event_data.to_string();
-        let writer = lock(&self.writer).clone();
-        let Some(mut writer) = writer.filter(|_| !lock(&self.outage).down) else {
-            return self.publish_locally(event_type, event_data, data).await;
-        };
+        loop {
+            let writer = lock(&self.writer).clone();
+            if let Some(writer) = writer.filter(|_| !lock(&self.outage).down) {
+                match self.publish_through_redis(writer, &event_type, &data).await {
+                    Some(result) => return result,
+                    None => continue,
+                }
+            }
+            let kept = {
+                let mut outage = lock(&self.outage);
+                if !outage.down {
+                    // Recovered since the writer was read: the outbox is already flushed, so
+                    // an event put there now would wait for the next outage.
+                    continue;
+                }
+                let room = outage.outbox.len() < self.settings.outbox_capacity;
+                if room {
+                    outage.outbox.push_back((event_type.clone(), data.clone()));
+                    self.metrics.set_redis_state(false, outage.outbox.len());
+                }
+                room
+            };
+            return self.deliver_here(event_type, event_data, kept).await;
+        }
+    }
+
+    /// Appends the event and waits until this process has read it back and run its handlers;
+    /// `None` if Redis refused it, which starts an outage.
+    async fn publish_through_redis(
+        &self,
+        mut writer: MultiplexedConnection,
+        event_type: &EventType,
+        data: &str,
+    ) -> Option<PublishResult> {
         let number = self.next_publish.fetch_add(1, Ordering::Relaxed);
         let (confirmed, confirmation) = oneshot::channel();
         lock(&self.waiting).insert(number, confirmed);
         if let Err(error) = self
-            .append(&mut writer, &event_type, &data, Some(number))
+            .append(&mut writer, event_type, data, Some(number))
             .await
         {
             lock(&self.waiting).remove(&number);
-            self.enter_outage(&error);
-            return self.publish_locally(event_type, event_data, data).await;
+            self.enter_outage(&error, false);
+            return None;
+        }
+        if DISPATCHING.try_with(|_| ()).is_ok() {
+            // A handler publishing: this process's reader, which would read the entry back, is
+            // waiting for that handler, so the event's handlers here run after it returns.
+            lock(&self.waiting).remove(&number);
+            return Some(Ok(0));
         }
         let unconfirmed = match tokio::time::timeout(PUBLISH_CONFIRM_TIMEOUT, confirmation).await {
-            Ok(Ok(handlers)) => return Ok(handlers),
+            Ok(Ok(handlers)) => return Some(Ok(handlers)),
             Ok(Err(_)) => "the connection to Redis was lost before it was read back".to_owned(),
             Err(_) => format!("it was not read back within {PUBLISH_CONFIRM_TIMEOUT:?}"),
         };
         lock(&self.waiting).remove(&number);
-        Err(PublishError(format!(
+        Some(Err(PublishError(format!(
             "{event_type} was appended to Redis, but {unconfirmed}; it is delivered everywhere if Redis kept it"
-        )))
+        ))))
     }
 
-    /// Delivers here at once and keeps the event for the other processes.
-    async fn publish_locally(
+    /// Delivers an event published during an outage here at once; `kept` says whether the
+    /// outbox took it for the other processes.
+    async fn deliver_here(
         &self,
         event_type: EventType,
         event_data: Value,
-        data: String,
+        kept: bool,
     ) -> PublishResult {
-        let kept = {
-            let mut outage = lock(&self.outage);
-            if outage.outbox.len() < self.settings.outbox_capacity {
-                outage.outbox.push_back((event_type.clone(), data));
-                self.metrics.set_redis_state(false, outage.outbox.len());
-                true
-            } else {
-                false
-            }
-        };
-        self.streams.deliver(&event_type, &event_data);
+        self.streams
+            .deliver_during_outage(&event_type, &event_data, self.outage_tag);
         let handlers = self.bus.dispatch(&event_type, Arc::new(event_data)).await;
         if kept {
             Ok(handlers)

@@ -157,9 +157,15 @@ impl History {
                 seq: 1,
             }
         } else {
-            EventId {
-                epoch: self.last_id.epoch,
-                seq: self.last_id.seq + 1,
+            match self.last_id.seq.checked_add(1) {
+                Some(seq) => EventId {
+                    epoch: self.last_id.epoch,
+                    seq,
+                },
+                None => EventId {
+                    epoch: self.last_id.epoch + 1,
+                    seq: 0,
+                },
             }
         }
     }
@@ -223,15 +229,21 @@ impl History {
         let lost_in_a_crash = self
             .stored_through
             .is_some_and(|stored| last > stored && last.epoch < self.epoch);
+        // The id must be one this user was sent: an id this history never gave them (numbered
+        // by another process during a Redis outage, say) cannot say where they stopped.
         let Some(history) = self.users.get(user) else {
             return Replay {
-                complete: last >= self.forgotten_through && !lost_in_a_crash,
+                complete: last == self.forgotten_through && !lost_in_a_crash,
                 events: Vec::new(),
             };
         };
         let first_missed = history.events.partition_point(|event| event.id <= last);
+        let theirs = last == history.evicted_through
+            || first_missed
+                .checked_sub(1)
+                .is_some_and(|index| history.events[index].id == last);
         Replay {
-            complete: last >= history.evicted_through && !lost_in_a_crash,
+            complete: theirs && !lost_in_a_crash,
             events: history.events.range(first_missed..).cloned().collect(),
         }
     }
@@ -353,8 +365,10 @@ mod tests {
         assert_eq!(seqs(&replay), [third.seq, fourth.seq]);
         let replay = history.since("alice", &fourth.to_string(), now);
         assert!(replay.complete && replay.events.is_empty());
-        // An id seen by another user still positions the replay correctly.
+        // An id this user was never sent still positions the replay, but says nothing about
+        // what they have.
         let replay = history.since("bob", &first.to_string(), now);
+        assert!(!replay.complete);
         assert_eq!(seqs(&replay), [2]);
     }
 
@@ -425,8 +439,10 @@ mod tests {
         assert!(replay.complete);
         assert_eq!(replay.events.len(), 1);
         assert_eq!(replay.events[0].id, second);
+        // An id between them that alice was never sent places her replay but cannot vouch
+        // for it.
         let replay = history.since("alice", &format!("{}-7", EPOCH + 5), now);
-        assert!(replay.complete);
+        assert!(!replay.complete);
         assert_eq!(replay.events.len(), 1);
     }
 
@@ -473,7 +489,10 @@ mod tests {
         assert_eq!(seqs(&replay), [1]);
         let replay = history.since("bob", &format!("{EPOCH}-5"), now);
         assert!(!replay.complete && replay.events.is_empty());
-        assert!(history.since("bob", &format!("{EPOCH}-4"), now).complete);
+        assert!(
+            !history.since("bob", &format!("{EPOCH}-4"), now).complete,
+            "bob was never sent event 4"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -518,9 +537,9 @@ mod tests {
             "a's only event was evicted"
         );
         // A user first seen after an eviction cannot claim a complete replay from before it.
-        record(&mut history, "f", now);
+        let f_first = record(&mut history, "f", now);
         assert!(!history.since("f", &format!("{EPOCH}-0"), now).complete);
-        assert!(history.since("f", &format!("{EPOCH}-2"), now).complete);
+        assert!(history.since("f", &f_first.to_string(), now).complete);
 
         let mut by_bytes = History::new(
             EPOCH,

@@ -502,7 +502,11 @@ mod tests {
             replay(&scratch.0, limits(), "alice", first_run[0]),
             (true, 3)
         );
-        assert_eq!(replay(&scratch.0, limits(), "bob", first_run[2]), (true, 0));
+        assert_eq!(
+            replay(&scratch.0, limits(), "bob", first_run[2]),
+            (false, 0),
+            "bob was never sent alice's event"
+        );
     }
 
     #[test]

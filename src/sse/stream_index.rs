@@ -227,7 +227,19 @@ impl StreamIndex {
     /// Gives the event an id, records it for its `user_id` and queues it on every stream of
     /// that user; returns how many streams got it. Events without a string `user_id` go nowhere.
     pub fn deliver(&self, event_type: &EventType, event_data: &Value) -> usize {
-        self.deliver_as(event_type, event_data, None)
+        self.deliver_as(event_type, event_data, Numbering::Next)
+    }
+
+    /// Delivers an event published while Redis is unreachable, under an id only this process
+    /// gives out (`tag` is its own): a client that takes that id to another process is told
+    /// its replay is incomplete there, rather than skipping events numbered the same there.
+    pub fn deliver_during_outage(
+        &self,
+        event_type: &EventType,
+        event_data: &Value,
+        tag: u32,
+    ) -> usize {
+        self.deliver_as(event_type, event_data, Numbering::Outage(tag))
     }
 
     /// Delivers an event whose id was given elsewhere (by Redis, the same on every process).
@@ -239,7 +251,7 @@ impl StreamIndex {
         event_data: &Value,
         id: EventId,
     ) -> usize {
-        self.deliver_as(event_type, event_data, Some(id))
+        self.deliver_as(event_type, event_data, Numbering::Given(id))
     }
 
     /// Records an event in the history without delivering or counting it: how a process
@@ -248,7 +260,7 @@ impl StreamIndex {
         if let Some(user_id) = event_data.get("user_id").and_then(Value::as_str) {
             let data = event_data.to_string();
             let mut state = self.lock();
-            record(&mut state, user_id, event_type, &data, Some(id));
+            record(&mut state, user_id, event_type, &data, Numbering::Given(id));
         }
     }
 
@@ -263,7 +275,7 @@ impl StreamIndex {
         self.lock().history.last_id()
     }
 
-    fn deliver_as(&self, event_type: &EventType, event_data: &Value, id: Option<EventId>) -> usize {
+    fn deliver_as(&self, event_type: &EventType, event_data: &Value, id: Numbering) -> usize {
         let Some(user_id) = event_data.get("user_id").and_then(Value::as_str) else {
             self.metrics.count_publish(event_type, 0, 0);
             return 0;
@@ -363,15 +375,47 @@ impl StreamIndex {
 }
 
 /// Encodes the event's frame once under its id (`id`, or the next local one) and records it.
+/// Where a recorded event's id comes from.
+#[derive(Clone, Copy)]
+enum Numbering {
+    /// The history's next id.
+    Next,
+    /// Given by Redis.
+    Given(EventId),
+    /// Numbered by this process during a Redis outage; the process's tag.
+    Outage(u32),
+}
+
+/// The top bit of an outage id's `seq`; below it, the 31-bit process tag, then a counter.
+const OUTAGE_SEQ: u64 = 1 << 63;
+
 fn record(
     state: &mut IndexState,
     user_id: &str,
     event_type: &EventType,
     data: &str,
-    id: Option<EventId>,
+    numbering: Numbering,
 ) -> Bytes {
-    let id = match id {
-        Some(id) if id > state.history.last_id() => id,
+    let last = state.history.last_id();
+    let id = match numbering {
+        Numbering::Given(id) if id > last => id,
+        Numbering::Outage(tag) => {
+            let base = OUTAGE_SEQ | (u64::from(tag & !(1 << 31)) << 32);
+            let seq = match last.seq & !0xffff_ffff == base {
+                true => last.seq + 1,
+                false => base,
+            };
+            let id = EventId {
+                epoch: last.epoch,
+                seq,
+            };
+            // Later than any id given so far unless the counter ran out: then a plain one.
+            if id > last {
+                id
+            } else {
+                state.history.next_id()
+            }
+        }
         _ => state.history.next_id(),
     };
     let frame = encoder::encode(&Event {
