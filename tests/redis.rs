@@ -10,7 +10,7 @@ mod common;
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -313,7 +313,10 @@ async fn a_redis_restart_during_a_publishing_run_loses_and_duplicates_nothing() 
         "artifact_events_redis_outbox_events 0",
         "artifact_events_redis_outages_total 1",
     ] {
-        assert!(metrics.contains(line), "{line} not in {metrics}");
+        assert!(
+            metrics.lines().any(|shown| shown == line),
+            "{line} not in {metrics}"
+        );
     }
     let logs = a.log_lines().join("\n");
     assert!(logs.contains("cannot use Redis"), "{logs}");
@@ -350,7 +353,10 @@ async fn publishes_beyond_the_outbox_during_an_outage_are_reported_to_the_publis
         "artifact_events_redis_outbox_events 3",
         "artifact_events_redis_outages_total 1",
     ] {
-        assert!(metrics.contains(line), "{line} not in {metrics}");
+        assert!(
+            metrics.lines().any(|shown| shown == line),
+            "{line} not in {metrics}"
+        );
     }
     let local = read_events(&mut on_a, 5).await;
     assert_eq!(
@@ -550,4 +556,97 @@ async fn a_client_that_moves_process_with_an_outage_id_is_told_its_replay_is_inc
         first["type"], "replay_incomplete",
         "b cannot place a's outage id (it was {outage_id}): {first}"
     );
+}
+
+/// Waits until the server at `addr` reports Redis reachable again.
+async fn wait_until_reachable(addr: SocketAddr) {
+    let started = Instant::now();
+    loop {
+        let metrics = common::send(addr, common::request("GET", "/metrics", None, "")).await;
+        let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+        if metrics
+            .lines()
+            .any(|line| line == "artifact_events_redis_reachable 1")
+        {
+            return;
+        }
+        assert!(started.elapsed() < PATIENCE, "Redis never reachable again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A TCP relay in front of a Redis that can swallow Redis's replies, as a network that fails
+/// after a command went through does; `swallow` applies to every connection while set.
+struct ReplyDroppingProxy {
+    addr: SocketAddr,
+    swallow: Arc<AtomicBool>,
+}
+
+impl ReplyDroppingProxy {
+    async fn start(redis: &RedisServer) -> ReplyDroppingProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let swallow = Arc::new(AtomicBool::new(false));
+        let (port, flag) = (redis.port, swallow.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .unwrap();
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                });
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let mut buffer = vec![0; 16 * 1024];
+                    while let Ok(read @ 1..) = server_read.read(&mut buffer).await {
+                        if flag.load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        if client_write.write_all(&buffer[..read]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        ReplyDroppingProxy { addr, swallow }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+}
+
+/// Regression: an append that Redis applied but whose reply was lost was delivered twice: at
+/// once as an outage publish, and again when read back after recovery; the other processes got
+/// the entry, then its copy from the outbox.
+// Multi-threaded: the proxy must run while `RunningServer::start` blocks this thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_whose_reply_was_lost_is_delivered_once_everywhere() {
+    let redis = RedisServer::start();
+    let proxy = ReplyDroppingProxy::start(&redis).await;
+    let stream = fresh_stream_key();
+    let a = start_process(&proxy.url(), &stream, &[]);
+    let b = start_process(&redis.url(), &stream, &[]);
+    let token = binary_token("alice");
+    let mut on_a = SseClient::connected(a.addr, &token).await;
+    let mut on_b = SseClient::connected(b.addr, &token).await;
+
+    proxy.swallow.store(true, Ordering::SeqCst);
+    // Applied by Redis; a gives up waiting for the reply after its 2 s response timeout.
+    publish(a.addr, "alice", 0).await;
+    proxy.swallow.store(false, Ordering::SeqCst);
+    for client in [&mut on_a, &mut on_b] {
+        assert_eq!(read_events(client, 1).await[0].1, 0);
+    }
+    wait_until_reachable(a.addr).await;
+    publish(a.addr, "alice", 1).await;
+    let after_a = read_events(&mut on_a, 1).await;
+    assert_eq!(after_a, read_events(&mut on_b, 1).await, "shared ids again");
+    assert_quiet(&mut on_a).await;
+    assert_quiet(&mut on_b).await;
 }

@@ -6,9 +6,11 @@
 //! process at once (under a local id) and kept in a bounded outbox, which is appended to
 //! Redis when it is back, for the other processes; this process skips those entries when it
 //! reads them back. A publish that finds the outbox full is still delivered locally but
-//! reported as an error, since the other processes will never see it.
+//! reported as an error, since the other processes will never see it. An append that failed
+//! is handled as an outage publish; if Redis had applied it after all, the entry is found when
+//! reading on and replaces the outbox copy, so the event is delivered once everywhere.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -66,7 +68,18 @@ pub struct RedisRelay {
 #[derive(Default)]
 struct Outage {
     down: bool,
-    outbox: VecDeque<(EventType, String)>,
+    outbox: VecDeque<Pending>,
+    /// Publishes whose append failed without saying whether Redis applied it (a lost reply):
+    /// already delivered here and in the outbox, so if the entry turns up when reading, it is
+    /// not delivered here again and the outbox copy is dropped.
+    unsure: HashSet<u64>,
+}
+
+/// An event delivered here during an outage, to be appended for the other processes.
+struct Pending {
+    publish: u64,
+    event_type: EventType,
+    data: String,
 }
 
 impl RedisRelay {
@@ -176,11 +189,11 @@ impl RedisRelay {
     async fn read_loop(self: Arc<Self>, mut reader: MultiplexedConnection, mut last_read: String) {
         let mut backoff = BACKOFF.0;
         loop {
-            let usable = match self.read_batch(&mut reader, &mut last_read).await {
+            let usable = match self.read_batch(&mut reader, &mut last_read, true).await {
                 // Reads can go on while appends fail (Redis out of memory, a read-only replica,
                 // the idle writer connection closed): the publish that failed started the
                 // outage, and only recovering ends it.
-                Ok(()) => !lock(&self.outage).down,
+                Ok(_) => !lock(&self.outage).down,
                 Err(error) => {
                     self.enter_outage(&error, true);
                     false
@@ -193,7 +206,7 @@ impl RedisRelay {
             loop {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF.1);
-                match self.recover().await {
+                match self.recover(&mut last_read).await {
                     Ok(connection) => {
                         reader = connection;
                         break;
@@ -204,21 +217,26 @@ impl RedisRelay {
         }
     }
 
+    /// Reads and dispatches the entries after `last_read`, waiting for some if `block`;
+    /// returns how many there were.
     async fn read_batch(
         &self,
         reader: &mut MultiplexedConnection,
         last_read: &mut String,
-    ) -> Result<(), RedisError> {
-        let reply: Option<StreamReadReply> = redis::cmd("XREAD")
-            .arg("COUNT")
-            .arg(READ_BATCH)
-            .arg("BLOCK")
-            .arg(READ_BLOCK.as_millis() as u64)
+        block: bool,
+    ) -> Result<usize, RedisError> {
+        let mut command = redis::cmd("XREAD");
+        command.arg("COUNT").arg(READ_BATCH);
+        if block {
+            command.arg("BLOCK").arg(READ_BLOCK.as_millis() as u64);
+        }
+        let reply: Option<StreamReadReply> = command
             .arg("STREAMS")
             .arg(&self.settings.stream_key)
             .arg(last_read.as_str())
             .query_async(reader)
             .await?;
+        let mut read = 0;
         for entry in reply
             .into_iter()
             .flat_map(|reply| reply.keys)
@@ -226,16 +244,33 @@ impl RedisRelay {
         {
             last_read.clone_from(&entry.id);
             self.dispatch_entry(&entry).await;
+            read += 1;
         }
-        Ok(())
+        Ok(read)
     }
 
     /// Delivers one entry read from the stream, unless this process delivered it already.
     async fn dispatch_entry(&self, entry: &StreamId) {
         let origin: Option<String> = entry.get("origin");
         let ours = origin.as_deref() == Some(self.origin.as_str());
-        if ours && entry.get::<String>("local").is_some() {
-            return;
+        let mut waiter = None;
+        if ours {
+            let local = entry.get::<String>("local").is_some();
+            let mut outage = lock(&self.outage);
+            match entry.get::<u64>("publish") {
+                Some(number) if local || outage.unsure.remove(&number) => {
+                    // Delivered here during an outage, and in Redis now: the other processes
+                    // get it from this entry, so it must not be appended again.
+                    outage.outbox.retain(|pending| pending.publish != number);
+                    self.metrics
+                        .set_redis_state(!outage.down, outage.outbox.len());
+                    return;
+                }
+                // Claimed under the outage lock: see `publish`.
+                Some(number) => waiter = lock(&self.waiting).remove(&number),
+                None if local => return,
+                None => {}
+            }
         }
         let Some((event_type, data, id)) = decode(entry) else {
             log::warning!("skipping malformed Redis stream entry {}", entry.id);
@@ -245,12 +280,8 @@ impl RedisRelay {
         let handlers = DISPATCHING
             .scope((), self.bus.dispatch(&event_type, Arc::new(data)))
             .await;
-        if ours {
-            if let Some(number) = entry.get::<u64>("publish") {
-                if let Some(waiter) = lock(&self.waiting).remove(&number) {
-                    let _ = waiter.send(handlers);
-                }
-            }
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(handlers);
         }
     }
 
@@ -273,16 +304,24 @@ impl RedisRelay {
         }
     }
 
-    /// Reconnects, appends the outbox, and ends the outage; returns a new reading connection.
-    async fn recover(&self) -> Result<MultiplexedConnection, RedisError> {
+    /// Reconnects, reads what was appended meanwhile, appends the outbox, and ends the outage;
+    /// returns a new reading connection.
+    async fn recover(&self, last_read: &mut String) -> Result<MultiplexedConnection, RedisError> {
         let mut writer = self.connect(COMMAND_TIMEOUT).await?;
-        let reader = self.connect(COMMAND_TIMEOUT + READ_BLOCK).await?;
+        let mut reader = self.connect(COMMAND_TIMEOUT + READ_BLOCK).await?;
+        // First, so that an append whose reply was lost is found applied, not appended twice.
+        while self.read_batch(&mut reader, last_read, false).await? > 0 {}
+        lock(&self.outage).unsure.clear();
         let mut flushed = 0;
         loop {
             let next = {
                 let mut outage = lock(&self.outage);
-                match outage.outbox.front().cloned() {
-                    Some(pending) => pending,
+                match outage.outbox.front() {
+                    Some(pending) => Pending {
+                        publish: pending.publish,
+                        event_type: pending.event_type.clone(),
+                        data: pending.data.clone(),
+                    },
                     None => {
                         outage.down = false;
                         *lock(&self.writer) = Some(writer);
@@ -291,7 +330,14 @@ impl RedisRelay {
                     }
                 }
             };
-            self.append(&mut writer, &next.0, &next.1, None).await?;
+            self.append(
+                &mut writer,
+                &next.event_type,
+                &next.data,
+                next.publish,
+                true,
+            )
+            .await?;
             let mut outage = lock(&self.outage);
             outage.outbox.pop_front();
             self.metrics.set_redis_state(false, outage.outbox.len());
@@ -305,14 +351,15 @@ impl RedisRelay {
         Ok(reader)
     }
 
-    /// `XADD`s one event; `publish` numbers a live publish, `None` marks an event this process
-    /// already delivered itself.
+    /// `XADD`s one event; `publish` numbers it among this process's publishes, `local` marks an
+    /// event this process already delivered itself.
     async fn append(
         &self,
         connection: &mut MultiplexedConnection,
         event_type: &EventType,
         data: &str,
-        publish: Option<u64>,
+        publish: u64,
+        local: bool,
     ) -> Result<String, RedisError> {
         let mut command = redis::cmd("XADD");
         command
@@ -326,26 +373,52 @@ impl RedisRelay {
             .arg("data")
             .arg(data)
             .arg("origin")
-            .arg(&self.origin);
-        match publish {
-            Some(number) => command.arg("publish").arg(number),
-            None => command.arg("local").arg(1),
-        };
+            .arg(&self.origin)
+            .arg("publish")
+            .arg(publish);
+        if local {
+            command.arg("local").arg(1);
+        }
         command.query_async(connection).await
     }
 
     async fn publish(&self, event_type: EventType, event_data: Value) -> PublishResult {
         let data = event_data.to_string();
+        let number = self.next_publish.fetch_add(1, Ordering::Relaxed);
+        // An append that failed without an answer may still have been applied; its entry, if
+        // the reader finds it, is confirmed through this.
+        let mut unanswered: Option<oneshot::Receiver<usize>> = None;
         loop {
             let writer = lock(&self.writer).clone();
-            if let Some(writer) = writer.filter(|_| !lock(&self.outage).down) {
-                match self.publish_through_redis(writer, &event_type, &data).await {
-                    Some(result) => return result,
-                    None => continue,
+            if let Some(mut writer) = writer.filter(|_| !lock(&self.outage).down) {
+                let (confirmed, confirmation) = oneshot::channel();
+                lock(&self.waiting).insert(number, confirmed);
+                match self
+                    .append(&mut writer, &event_type, &data, number, false)
+                    .await
+                {
+                    Ok(_) => return self.confirm(&event_type, number, confirmation).await,
+                    Err(error) => {
+                        self.enter_outage(&error, false);
+                        unanswered = Some(confirmation);
+                        continue;
+                    }
                 }
             }
             let kept = {
+                // Decided under the outage lock, as the reader decides: either it claimed the
+                // entry (and delivers it) or the entry is ours to deliver and keep.
                 let mut outage = lock(&self.outage);
+                if let Some(confirmation) = unanswered.take() {
+                    if !lock(&self.waiting).contains_key(&number) {
+                        drop(outage);
+                        return self.confirm(&event_type, number, confirmation).await;
+                    }
+                    if outage.down {
+                        lock(&self.waiting).remove(&number);
+                        outage.unsure.insert(number);
+                    }
+                }
                 if !outage.down {
                     // Recovered since the writer was read: the outbox is already flushed, so
                     // an event put there now would wait for the next outage.
@@ -353,7 +426,11 @@ impl RedisRelay {
                 }
                 let room = outage.outbox.len() < self.settings.outbox_capacity;
                 if room {
-                    outage.outbox.push_back((event_type.clone(), data.clone()));
+                    outage.outbox.push_back(Pending {
+                        publish: number,
+                        event_type: event_type.clone(),
+                        data: data.clone(),
+                    });
                     self.metrics.set_redis_state(false, outage.outbox.len());
                 }
                 room
@@ -362,40 +439,28 @@ impl RedisRelay {
         }
     }
 
-    /// Appends the event and waits until this process has read it back and run its handlers;
-    /// `None` if Redis refused it, which starts an outage.
-    async fn publish_through_redis(
+    /// Waits until this process has read publish `number` back and run its handlers.
+    async fn confirm(
         &self,
-        mut writer: MultiplexedConnection,
         event_type: &EventType,
-        data: &str,
-    ) -> Option<PublishResult> {
-        let number = self.next_publish.fetch_add(1, Ordering::Relaxed);
-        let (confirmed, confirmation) = oneshot::channel();
-        lock(&self.waiting).insert(number, confirmed);
-        if let Err(error) = self
-            .append(&mut writer, event_type, data, Some(number))
-            .await
-        {
-            lock(&self.waiting).remove(&number);
-            self.enter_outage(&error, false);
-            return None;
-        }
+        number: u64,
+        confirmation: oneshot::Receiver<usize>,
+    ) -> PublishResult {
         if DISPATCHING.try_with(|_| ()).is_ok() {
             // A handler publishing: this process's reader, which would read the entry back, is
             // waiting for that handler, so the event's handlers here run after it returns.
             lock(&self.waiting).remove(&number);
-            return Some(Ok(0));
+            return Ok(0);
         }
         let unconfirmed = match tokio::time::timeout(PUBLISH_CONFIRM_TIMEOUT, confirmation).await {
-            Ok(Ok(handlers)) => return Some(Ok(handlers)),
+            Ok(Ok(handlers)) => return Ok(handlers),
             Ok(Err(_)) => "the connection to Redis was lost before it was read back".to_owned(),
             Err(_) => format!("it was not read back within {PUBLISH_CONFIRM_TIMEOUT:?}"),
         };
         lock(&self.waiting).remove(&number);
-        Some(Err(PublishError(format!(
+        Err(PublishError(format!(
             "{event_type} was appended to Redis, but {unconfirmed}; it is delivered everywhere if Redis kept it"
-        ))))
+        )))
     }
 
     /// Delivers an event published during an outage here at once; `kept` says whether the
