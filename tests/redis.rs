@@ -103,6 +103,25 @@ fn start_process(url: &str, stream: &str, extra: &[(&str, &str)]) -> RunningServ
     RunningServer::start(&env)
 }
 
+/// `count` in-process servers sharing a fresh stream on the Redis at `url`.
+async fn in_process_servers(url: &str, count: usize) -> Vec<TestServer> {
+    let stream = fresh_stream_key();
+    let mut servers = Vec::new();
+    for _ in 0..count {
+        let mut config = common::config();
+        config.redis = Some(RedisSettings {
+            url: url.to_owned(),
+            stream_key: stream.clone(),
+            max_len: 1000,
+            outbox_capacity: 1000,
+        });
+        let server = TestServer::start(config).await;
+        server.state.connect_redis().await.unwrap();
+        servers.push(server);
+    }
+    servers
+}
+
 async fn publish(addr: SocketAddr, user: &str, n: u64) {
     let reply = publish_to(addr, "artifact.completed", json!({"user_id": user, "n": n})).await;
     assert_eq!(reply.status, 202, "body: {:?}", reply.body);
@@ -215,26 +234,15 @@ async fn a_client_resumes_on_another_process_with_last_event_id() {
 #[tokio::test]
 async fn in_process_subscribers_on_every_process_see_each_event_once() {
     let (url, _redis) = shared_redis();
-    let stream = fresh_stream_key();
-    let mut servers = Vec::new();
+    let servers = in_process_servers(&url, 2).await;
     let mut received = Vec::new();
-    for _ in 0..2 {
-        let mut config = common::config();
-        config.redis = Some(RedisSettings {
-            url: url.clone(),
-            stream_key: stream.clone(),
-            max_len: 1000,
-            outbox_capacity: 1000,
-        });
-        let server = TestServer::start(config).await;
-        server.state.connect_redis().await.unwrap();
+    for server in &servers {
         let (sender, events) = mpsc::unbounded_channel::<Value>();
         let handler = Handler::new(move |data: Arc<Value>| {
             let _ = sender.send((*data).clone());
             async {}
         });
         server.state.bus.subscribe(EventType::COMPLETED, handler);
-        servers.push(server);
         received.push(events);
     }
     let bus: &EventBus = &servers[0].state.bus;
@@ -479,20 +487,7 @@ async fn an_outage_of_appends_alone_ends_when_redis_takes_them_again() {
 #[tokio::test]
 async fn a_handler_that_publishes_through_redis_is_not_kept_waiting() {
     let (url, _redis) = shared_redis();
-    let stream = fresh_stream_key();
-    let mut servers = Vec::new();
-    for _ in 0..2 {
-        let mut config = common::config();
-        config.redis = Some(RedisSettings {
-            url: url.clone(),
-            stream_key: stream.clone(),
-            max_len: 1000,
-            outbox_capacity: 1000,
-        });
-        let server = TestServer::start(config).await;
-        server.state.connect_redis().await.unwrap();
-        servers.push(server);
-    }
+    let servers = in_process_servers(&url, 2).await;
     let (results, mut published) = mpsc::unbounded_channel();
     let bus = servers[0].state.bus.clone();
     let follow_up = Handler::new(move |data: Arc<Value>| {
