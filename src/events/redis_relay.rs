@@ -35,13 +35,13 @@ const READ_BATCH: usize = 1024;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a publisher waits to see its event come back from Redis and run here.
 const PUBLISH_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reconnection backoff after an outage: from the first delay, doubling up to the last.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
 tokio::task_local! {
     /// Marks a task running this process's handlers for an entry read from the stream.
     static DISPATCHING: ();
 }
-
-/// Reconnection backoff after an outage: from the first delay, doubling up to the last.
-const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 
 /// The Redis side of an [`EventBus`]; see the module documentation.
 pub struct RedisRelay {
@@ -76,6 +76,7 @@ struct Outage {
 }
 
 /// An event delivered here during an outage, to be appended for the other processes.
+#[derive(Clone)]
 struct Pending {
     publish: u64,
     event_type: EventType,
@@ -316,12 +317,8 @@ impl RedisRelay {
         loop {
             let next = {
                 let mut outage = lock(&self.outage);
-                match outage.outbox.front() {
-                    Some(pending) => Pending {
-                        publish: pending.publish,
-                        event_type: pending.event_type.clone(),
-                        data: pending.data.clone(),
-                    },
+                match outage.outbox.front().cloned() {
+                    Some(pending) => pending,
                     None => {
                         outage.down = false;
                         *lock(&self.writer) = Some(writer);

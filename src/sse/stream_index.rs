@@ -275,7 +275,12 @@ impl StreamIndex {
         self.lock().history.last_id()
     }
 
-    fn deliver_as(&self, event_type: &EventType, event_data: &Value, id: Numbering) -> usize {
+    fn deliver_as(
+        &self,
+        event_type: &EventType,
+        event_data: &Value,
+        numbering: Numbering,
+    ) -> usize {
         let Some(user_id) = event_data.get("user_id").and_then(Value::as_str) else {
             self.metrics.count_publish(event_type, 0, 0);
             return 0;
@@ -285,7 +290,7 @@ impl StreamIndex {
         {
             let mut state = self.lock();
             let state = &mut *state;
-            let frame = record(state, user_id, event_type, &data, id);
+            let frame = record(state, user_id, event_type, &data, numbering);
             if let Some(streams) = state.by_user.get_mut(user_id) {
                 streams.retain(|stream| match stream.frames.push(frame.clone()) {
                     Ok(()) => {
@@ -374,7 +379,6 @@ impl StreamIndex {
     }
 }
 
-/// Encodes the event's frame once under its id (`id`, or the next local one) and records it.
 /// Where a recorded event's id comes from.
 #[derive(Clone, Copy)]
 enum Numbering {
@@ -388,7 +392,11 @@ enum Numbering {
 
 /// The top bit of an outage id's `seq`; below it, the 31-bit process tag, then a counter.
 const OUTAGE_SEQ: u64 = 1 << 63;
+/// The counter bits of an outage id's `seq`.
+const OUTAGE_COUNTER: u64 = 0xffff_ffff;
 
+/// Encodes the event's frame once under its id (as `numbering` says, or the next local one)
+/// and records it.
 fn record(
     state: &mut IndexState,
     user_id: &str,
@@ -401,19 +409,21 @@ fn record(
         Numbering::Given(id) if id > last => id,
         Numbering::Outage(tag) => {
             let base = OUTAGE_SEQ | (u64::from(tag & !(1 << 31)) << 32);
-            let seq = match last.seq & !0xffff_ffff == base {
-                true => last.seq + 1,
-                false => base,
-            };
-            let id = EventId {
+            let counting =
+                last.seq & !OUTAGE_COUNTER == base && last.seq & OUTAGE_COUNTER < OUTAGE_COUNTER;
+            let this_ms = EventId {
                 epoch: last.epoch,
-                seq,
+                seq: if counting { last.seq + 1 } else { base },
             };
-            // Later than any id given so far unless the counter ran out: then a plain one.
-            if id > last {
-                id
+            // Past the end of this process's range (its counter ran out), the next millisecond
+            // starts it again: an outage id never leaves the process's range.
+            if this_ms > last {
+                this_ms
             } else {
-                state.history.next_id()
+                EventId {
+                    epoch: last.epoch + 1,
+                    seq: base,
+                }
             }
         }
         _ => state.history.next_id(),
@@ -451,5 +461,53 @@ pub(super) struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         self.index.remove(&self.user, self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn recorded_id(index: &StreamIndex, numbering: Numbering) -> EventId {
+        let mut state = index.lock();
+        record(&mut state, "alice", &EventType::COMPLETED, "{}", numbering);
+        state.history.last_id()
+    }
+
+    #[test]
+    fn outage_ids_carry_the_process_tag_and_count_on_until_the_counter_runs_out() {
+        let settings = crate::config::Config::with_secret("s").stream_settings();
+        let index = StreamIndex::new(settings, Arc::new(Metrics::default()));
+        let shared = EventId {
+            epoch: index.last_event_id().epoch + 5,
+            seq: 3,
+        };
+        index.deliver_identified(&EventType::COMPLETED, &json!({"user_id": "alice"}), shared);
+
+        let first = recorded_id(&index, Numbering::Outage(7));
+        assert_eq!(first.epoch, shared.epoch);
+        assert_eq!(first.seq, OUTAGE_SEQ | 7 << 32);
+        let second = recorded_id(&index, Numbering::Outage(7));
+        assert_eq!(second.seq, first.seq + 1);
+
+        let exhausted = EventId {
+            seq: OUTAGE_SEQ | 7 << 32 | OUTAGE_COUNTER,
+            ..first
+        };
+        index.deliver_identified(
+            &EventType::COMPLETED,
+            &json!({"user_id": "alice"}),
+            exhausted,
+        );
+        let after = recorded_id(&index, Numbering::Outage(7));
+        assert_eq!(
+            after,
+            EventId {
+                epoch: exhausted.epoch + 1,
+                seq: OUTAGE_SEQ | 7 << 32
+            },
+            "the next millisecond, not a count carried into the tag bits"
+        );
     }
 }
