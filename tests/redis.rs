@@ -122,6 +122,15 @@ async fn in_process_servers(url: &str, count: usize) -> Vec<TestServer> {
     servers
 }
 
+/// Two server processes sharing a fresh stream on the Redis at `url`.
+fn two_processes(url: &str) -> (RunningServer, RunningServer) {
+    let stream = fresh_stream_key();
+    (
+        start_process(url, &stream, &[]),
+        start_process(url, &stream, &[]),
+    )
+}
+
 async fn publish(addr: SocketAddr, user: &str, n: u64) {
     let reply = publish_to(addr, "artifact.completed", json!({"user_id": user, "n": n})).await;
     assert_eq!(reply.status, 202, "body: {:?}", reply.body);
@@ -161,9 +170,7 @@ async fn assert_quiet(client: &mut SseClient) {
 #[tokio::test]
 async fn a_client_on_one_process_gets_what_another_published_once_in_order_with_the_same_ids() {
     let (url, _redis) = shared_redis();
-    let stream = fresh_stream_key();
-    let a = start_process(&url, &stream, &[]);
-    let b = start_process(&url, &stream, &[]);
+    let (a, b) = two_processes(&url);
     let mut alice_on_a = SseClient::connected(a.addr, &binary_token("alice")).await;
     let mut alice_on_b = SseClient::connected(b.addr, &binary_token("alice")).await;
     let mut bob_on_b = SseClient::connected(b.addr, &binary_token("bob")).await;
@@ -271,9 +278,7 @@ async fn in_process_subscribers_on_every_process_see_each_event_once() {
 #[tokio::test]
 async fn a_redis_restart_during_a_publishing_run_loses_and_duplicates_nothing() {
     let mut redis = RedisServer::start();
-    let stream = fresh_stream_key();
-    let a = start_process(&redis.url(), &stream, &[]);
-    let b = start_process(&redis.url(), &stream, &[]);
+    let (a, b) = two_processes(&redis.url());
     let token = binary_token("alice");
     let mut on_a = SseClient::connected(a.addr, &token).await;
     let mut on_b = SseClient::connected(b.addr, &token).await;
@@ -395,9 +400,7 @@ fn a_server_whose_redis_is_unreachable_refuses_to_start_and_says_why() {
 #[tokio::test]
 async fn a_job_run_by_one_process_is_announced_to_its_owner_on_another() {
     let (url, _redis) = shared_redis();
-    let stream = fresh_stream_key();
-    let a = start_process(&url, &stream, &[]);
-    let b = start_process(&url, &stream, &[]);
+    let (a, b) = two_processes(&url);
     let token = binary_token("alice");
     let mut on_b = SseClient::connected(b.addr, &token).await;
     let content = "Mitochondria are the organelles that produce most of a cell's energy. \
@@ -439,9 +442,7 @@ async fn a_job_run_by_one_process_is_announced_to_its_owner_on_another() {
 #[tokio::test]
 async fn an_outage_of_appends_alone_ends_when_redis_takes_them_again() {
     let redis = RedisServer::start();
-    let stream = fresh_stream_key();
-    let a = start_process(&redis.url(), &stream, &[]);
-    let b = start_process(&redis.url(), &stream, &[]);
+    let (a, b) = two_processes(&redis.url());
     let token = binary_token("alice");
     let mut on_a = SseClient::connected(a.addr, &token).await;
     let mut on_b = SseClient::connected(b.addr, &token).await;
@@ -519,9 +520,7 @@ async fn a_handler_that_publishes_through_redis_is_not_kept_waiting() {
 #[tokio::test]
 async fn a_client_that_moves_process_with_an_outage_id_is_told_its_replay_is_incomplete() {
     let mut redis = RedisServer::start();
-    let stream = fresh_stream_key();
-    let a = start_process(&redis.url(), &stream, &[]);
-    let b = start_process(&redis.url(), &stream, &[]);
+    let (a, b) = two_processes(&redis.url());
     let token = binary_token("alice");
     let mut on_a = SseClient::connected(a.addr, &token).await;
     publish(a.addr, "alice", 0).await;
