@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use artifact_events::config::Config;
-use artifact_events::sse::StreamIndex;
+use artifact_events::delivery::StreamIndex;
 use artifact_events::{EventBus, EventType};
 use http_body_util::BodyExt;
 use serde_json::json;

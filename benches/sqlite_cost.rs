@@ -11,11 +11,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use artifact_events::backends::sqlite::{open_history, SqliteJobStore};
 use artifact_events::config::Config;
-use artifact_events::jobs::{
-    ArtifactType, Job, JobChange, JobStatus, JobStore, MemoryJobStore, SqliteJobStore,
-};
-use artifact_events::sse::StreamIndex;
+use artifact_events::delivery::StreamIndex;
+use artifact_events::jobs::{ArtifactType, Job, JobChange, JobStatus, JobStore, MemoryJobStore};
 use artifact_events::{EventBus, EventType};
 use http_body_util::BodyExt;
 use serde_json::json;
@@ -31,7 +30,7 @@ fn thread_cpu_nanos() -> u64 {
 fn scratch_file(name: &str) -> PathBuf {
     let directory = std::env::temp_dir().join(format!(
         "artifact-events-bench-{name}-{}",
-        artifact_events::random::hex_token(8)
+        std::process::id()
     ));
     std::fs::create_dir_all(&directory).unwrap();
     directory.join("bench.db")
@@ -102,7 +101,9 @@ fn main() {
         publish_cost(StreamIndex::new(settings, Arc::default()), publishes / 10).await;
         let (memory_cpu, _) =
             publish_cost(StreamIndex::new(settings, Arc::default()), publishes).await;
-        let stored = StreamIndex::persisted(settings, Arc::default(), &history).unwrap();
+        let (loaded, writer) = open_history(&history, settings.history).unwrap();
+        let stored =
+            StreamIndex::with_history(settings, Arc::default(), loaded, Some(Box::new(writer)));
         let (stored_cpu, stored_wall) = publish_cost(stored, publishes).await;
         (memory_cpu, stored_cpu, stored_wall)
     });

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use jsonwebtoken::Algorithm;
 
+use crate::delivery::{HistoryLimits, StreamSettings};
 use crate::log::Level;
-use crate::sse::{HistoryLimits, StreamSettings};
 
 /// Where the server listens unless `ADDR` or `--addr` says otherwise.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8000";
@@ -64,12 +64,6 @@ pub const DEFAULT_REDIS_OUTBOX_CAPACITY: usize = 100_000;
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Largest `POST /ai/events/publish` body; larger ones get 413.
 pub const MAX_PUBLISH_BODY_BYTES: usize = 1024 * 1024;
-
-/// Why `DATABASE_PATH` cannot be used by a build without SQLite; refusing beats silently keeping
-/// jobs in memory that the operator expects to survive a restart.
-pub const WITHOUT_SQLITE: &str = "this binary was built without the `sqlite` feature; \
-     rebuild with `cargo build --release --features sqlite`, or unset DATABASE_PATH to keep jobs \
-     in memory";
 
 /// Everything the server can be configured with.
 #[derive(Clone, Debug)]
@@ -268,9 +262,6 @@ impl Config {
             config.max_jobs = max;
         }
         if let Some(path) = env_value("DATABASE_PATH") {
-            if !cfg!(feature = "sqlite") {
-                return Err(invalid("DATABASE_PATH", WITHOUT_SQLITE));
-            }
             config.database_path = Some(PathBuf::from(path));
         }
         if let Some(millis) = env_parse::<u64>("GENERATOR_DELAY_MS")? {
@@ -379,20 +370,5 @@ mod tests {
         assert_eq!(config.connection_limit(), files - RESERVED_FILE_DESCRIPTORS);
         config.max_connections = 10;
         assert_eq!(config.connection_limit(), 10);
-    }
-
-    #[test]
-    fn database_path_is_refused_by_a_build_without_sqlite_never_ignored() {
-        std::env::set_var("DATABASE_PATH", "/var/lib/artifact-events.db");
-        let config = Config::from_env();
-        std::env::remove_var("DATABASE_PATH");
-        if cfg!(feature = "sqlite") {
-            let path = config.unwrap().database_path.unwrap();
-            assert_eq!(path, PathBuf::from("/var/lib/artifact-events.db"));
-        } else {
-            let error = config.unwrap_err();
-            assert_eq!(error.variable, "DATABASE_PATH");
-            assert!(error.problem.contains("--features sqlite"), "{error}");
-        }
     }
 }

@@ -13,7 +13,6 @@ use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::Value;
-use tokio::sync::Notify;
 
 use crate::config::{Config, MAX_CONTENT_BYTES};
 use crate::events::EventBus;
@@ -184,7 +183,7 @@ pub fn http_request(input: &[u8]) {
         }
     }
     server.runtime.block_on(async {
-        let response = handle(server.state(), Arc::new(Notify::new()), request).await;
+        let response = handle(server.state(), request).await;
         check_response(response).await;
     });
 }

@@ -2,31 +2,33 @@
 //!
 //! # Layout
 //! - [`events`]: `EventType`, the publish/subscribe [`events::EventBus`] and `get_event_bus()`.
-//! - [`sse`]: the SSE wire format both ways (pure), event ids and replay history, a client's
-//!   stream body, and the per-user stream index.
-//! - [`jobs`]: the job record and `JobStore`, the generator and validator, and `ArtifactWorker`.
+//! - [`delivery`]: the per-user stream index, the replay history (where event ids are
+//!   assigned) and each stream's bounded queue and response body.
+//! - [`sse`]: the SSE wire format both ways, pure: the encoder and the parser.
+//! - [`jobs`]: the job record and the `JobStore` seam, the generators and validator, and
+//!   `ArtifactWorker`.
 //! - [`server`]: the accept loop, router, JWT auth, errors and the HTTP routes.
+//! - [`backends`]: what plugs into the core's seams (SQLite, Redis), chosen once at start-up.
 //! - [`metrics`]: counters for `GET /metrics`, in the Prometheus text format.
 //! - [`config`]: settings with named defaults, read from the environment.
-//! - `database` (feature `sqlite`): the SQLite file behind durable jobs and history, its schema.
 //! - [`listen`]: the `listen` command's client, which prints a user's events as they arrive.
-//! - [`log`], [`time`], [`random`]: small utilities that keep the dependency list short.
-//! - `fuzz_checks` (hidden): the fuzz targets' checks, shared with the corpus-replay test.
+//! - `fuzz_checks` (feature `fuzzing`): the fuzz targets' checks, shared with the corpus replay.
 
+pub mod backends;
 pub mod config;
-#[cfg(feature = "sqlite")]
-pub mod database;
+pub mod delivery;
 pub mod events;
-#[doc(hidden)]
+#[cfg(feature = "fuzzing")]
 pub mod fuzz_checks;
 pub mod jobs;
 pub mod listen;
-pub mod log;
+pub(crate) mod log;
 pub mod metrics;
 pub(crate) mod panic;
-pub mod random;
+pub(crate) mod random;
 pub mod server;
 pub mod sse;
-pub mod time;
+pub(crate) mod time;
 
 pub use events::{get_event_bus, EventBus, EventType, Handler};
+pub use log::{set_level as set_log_level, Level as LogLevel};

@@ -6,7 +6,7 @@ use std::time::Duration;
 use artifact_events::config::Config;
 use artifact_events::listen::{listen, ListenError, DEFAULT_URL};
 use artifact_events::server::{self, AppState, Authenticator};
-use artifact_events::{get_event_bus, log};
+use artifact_events::{get_event_bus, set_log_level};
 
 const USAGE: &str = "\
 artifact-events: realtime artifact job notifications over Server-Sent Events
@@ -143,22 +143,16 @@ fn serve(args: &[String]) -> Result<(), String> {
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    log::set_level(config.log_level);
+    set_log_level(config.log_level);
     let runtime = tokio::runtime::Runtime::new().map_err(|error| error.to_string())?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.addr)
             .await
             .map_err(|error| format!("cannot listen on {}: {error}", config.addr))?;
         let addr = listener.local_addr().map_err(|error| error.to_string())?;
-        let state = AppState::open(config, get_event_bus())?;
+        let state = AppState::open(config, get_event_bus()).await?;
         if state.config.development_secret {
             print_development_banner(&state.config, addr);
-        }
-        #[cfg(feature = "redis")]
-        state.connect_redis().await?;
-        #[cfg(not(feature = "redis"))]
-        if state.config.redis.is_some() {
-            return Err("REDIS_URL is set, but this build has no Redis support: build with `--features redis`".to_owned());
         }
         server::run(listener, state, server::shutdown_signal()).await;
         Ok(())
@@ -206,10 +200,6 @@ fn print_development_banner(config: &Config, addr: std::net::SocketAddr) {
     let ttl = Duration::from_secs(DEFAULT_TOKEN_TTL_SECS);
     let user_token = auth.issue("demo", false, ttl);
     let publisher_token = auth.issue("publisher", true, ttl);
-    log::write(
-        log::Level::Warn,
-        format_args!("JWT_SECRET is not set: development mode, tokens are signed with a random secret for this run only"),
-    );
     eprintln!(
         "\n  Stream events for user demo:\n    curl -N -H 'Authorization: Bearer {user_token}' http://{addr}/ai/artifact/events/stream\n\n  Publish one:\n    curl -X POST -H 'Authorization: Bearer {publisher_token}' -H 'Content-Type: application/json' \\\n      -d '{{\"event_type\":\"artifact.completed\",\"event_data\":{{\"user_id\":\"demo\",\"job_id\":\"j1\",\"result\":{{}}}}}}' \\\n      http://{addr}/ai/events/publish\n"
     );

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 
 use crate::events::EventType;
 
@@ -201,8 +201,7 @@ impl Metrics {
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, EventCounts>> {
-        // Counters are plain numbers: a poisoned map is still usable.
-        self.events.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::panic::lock(&self.events)
     }
 }
 

@@ -1,9 +1,11 @@
-//! Panic isolation for futures: a panicking handler, route or job becomes an error value.
+//! Panic isolation: a panicking handler, route or job becomes an error value, and a lock whose
+//! holder panicked stays usable.
 
 use std::any::Any;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
 /// Runs `future`, turning a panic while it is polled into `Err(message)`.
@@ -11,17 +13,19 @@ pub(crate) fn catch_unwind<F: Future>(future: F) -> CatchUnwind<F> {
     CatchUnwind { future }
 }
 
-/// The future returned by [`catch_unwind`].
-pub(crate) struct CatchUnwind<F> {
-    future: F,
+pin_project_lite::pin_project! {
+    /// The future returned by [`catch_unwind`].
+    pub(crate) struct CatchUnwind<F> {
+        #[pin]
+        future: F,
+    }
 }
 
 impl<F: Future> Future for CatchUnwind<F> {
     type Output = Result<F::Output, String>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        // SAFETY: `future` is structurally pinned: it is never moved out of `self`.
-        let future = unsafe { self.map_unchecked_mut(|this| &mut this.future) };
+        let future = self.project().future;
         // A future that panicked is never polled again (we return Ready), so
         // observing its broken state afterwards is impossible.
         match std::panic::catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
@@ -40,4 +44,11 @@ pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
     } else {
         "panic with a non-string payload".to_owned()
     }
+}
+
+/// Locks `mutex`, even if a thread panicked while holding it. Every lock in this crate is held
+/// only for short edits that cannot panic halfway, so the value behind a poisoned lock is
+/// still consistent.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }

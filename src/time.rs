@@ -31,6 +31,14 @@ pub fn unix_seconds() -> u64 {
         .as_secs()
 }
 
+/// Milliseconds since the Unix epoch: the epoch a server's event ids start from.
+pub fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
 /// Howard Hinnant's `civil_from_days`: days since 1970-01-01 to (year, month, day).
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;

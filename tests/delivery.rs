@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use artifact_events::sse::EventId;
+use artifact_events::delivery::EventId;
 use artifact_events::EventType;
 use common::{config, open, request, send, SseClient, TestServer};
 use hyper::StatusCode;

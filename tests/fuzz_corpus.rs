@@ -1,6 +1,8 @@
 //! Replays every committed fuzz input on stable, through the same checks the fuzz targets run:
 //! the seed corpora in `fuzz/corpus/<target>/` and the inputs that once failed, in
-//! `fuzz/regressions/<target>/`.
+//! `fuzz/regressions/<target>/`. The checks are compiled with the `fuzzing` feature
+//! (`cargo test --all-features`, as `.ci/run` runs it).
+#![cfg(feature = "fuzzing")]
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -212,7 +212,7 @@ mod sqlite {
     use std::collections::HashSet;
     use std::sync::Arc;
 
-    use artifact_events::jobs::SqliteJobStore;
+    use artifact_events::backends::sqlite::{SqliteJobStore, SCHEMA_VERSION};
 
     use super::*;
     use crate::common::TempDir;
@@ -261,7 +261,7 @@ mod sqlite {
             .unwrap()
             .query_row("SELECT version FROM schema_version", [], |row| row.get(0))
             .unwrap();
-        assert_eq!(version, artifact_events::database::SCHEMA_VERSION);
+        assert_eq!(version, SCHEMA_VERSION);
     }
 
     #[test]

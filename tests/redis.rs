@@ -115,8 +115,7 @@ async fn in_process_servers(url: &str, count: usize) -> Vec<TestServer> {
             max_len: 1000,
             outbox_capacity: 1000,
         });
-        let server = TestServer::start(config).await;
-        server.state.connect_redis().await.unwrap();
+        let server = TestServer::open(config).await;
         servers.push(server);
     }
     servers

@@ -5,7 +5,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use artifact_events::sse::EventId;
+use artifact_events::delivery::EventId;
 use artifact_events::EventType;
 use common::{config, publish_http, SseClient, TestServer, PATIENCE};
 use serde_json::json;

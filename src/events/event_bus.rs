@@ -4,11 +4,12 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Poll;
 
 use serde_json::Value;
 
+use super::relay::{PublishResult, Relay};
 use super::EventType;
 use crate::log;
 use crate::panic::{catch_unwind, panic_message, CatchUnwind};
@@ -55,31 +56,6 @@ impl std::fmt::Debug for Handler {
     }
 }
 
-/// A boxed future, as [`Relay`] returns.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// Carries events between processes (Redis). Once a bus has one, `publish` hands every event
-/// to it, and the relay calls [`EventBus::dispatch`] once for each event of any process.
-pub trait Relay: Send + Sync + 'static {
-    /// Sends the event on; resolves with how many local handlers ran, once they have.
-    fn forward(&self, event_type: EventType, event_data: Value) -> BoxFuture<'_, PublishResult>;
-}
-
-/// What [`EventBus::try_publish`] returns: how many local handlers ran, or why it failed.
-pub type PublishResult = Result<usize, PublishError>;
-
-/// A publish that could not reach every process; the message says what happened to the event.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PublishError(pub String);
-
-impl std::fmt::Display for PublishError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for PublishError {}
-
 /// Routes published events to the handlers subscribed to their type.
 #[derive(Default)]
 pub struct EventBus {
@@ -119,7 +95,8 @@ impl EventBus {
     }
 
     /// Runs every handler of `event_type` (and of [`EventType::ANY`]) concurrently and returns,
-    /// with how many ran, when all have finished. A handler that panics is logged and skipped.
+    /// with how many ran, when all have finished. A handler that panics is logged, does not
+    /// stop the others, and still counts as run.
     /// With a relay, the handlers of every process run; a relay failure is logged.
     pub async fn publish(&self, event_type: &EventType, event_data: Value) -> usize {
         self.try_publish(event_type, event_data)
@@ -192,8 +169,7 @@ impl EventBus {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<EventType, Vec<Handler>>> {
-        // No code panics while holding the lock, so a poisoned map is still consistent.
-        self.handlers.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::panic::lock(&self.handlers)
     }
 }
 

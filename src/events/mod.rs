@@ -1,12 +1,10 @@
 //! Event types and the process-wide event bus.
 
 mod event_bus;
-#[cfg(feature = "redis")]
-mod redis_relay;
+mod relay;
 
-pub use event_bus::{BoxFuture, EventBus, Handler, PublishError, PublishResult, Relay};
-#[cfg(feature = "redis")]
-pub use redis_relay::RedisRelay;
+pub use event_bus::{EventBus, Handler};
+pub use relay::{BoxFuture, PublishError, PublishResult, Relay};
 
 use std::borrow::Cow;
 use std::fmt;

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -406,8 +406,7 @@ impl ArtifactWorker {
     }
 
     fn lock_running(&self) -> MutexGuard<'_, HashMap<String, Arc<Cancellation>>> {
-        // Only map edits happen under this lock, so a poisoned map is still consistent.
-        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::panic::lock(&self.running)
     }
 }
 

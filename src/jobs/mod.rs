@@ -1,9 +1,8 @@
-//! Artifact jobs: the job record, its store, the generator and validator, and the worker.
+//! Artifact jobs: the job record, the store seam (`JobStore`) with its in-memory store, the
+//! generators and the validator, and the worker that drives them.
 
 mod artifact_worker;
 pub mod generator;
-#[cfg(feature = "sqlite")]
-mod sqlite_store;
 mod store;
 pub mod validator;
 
@@ -11,8 +10,6 @@ pub use artifact_worker::{ArtifactWorker, CancelOutcome, WorkerConfig};
 pub use generator::{
     ArtifactGenerator, ArtifactType, DelayedGenerator, GenerationRequest, OfflineGenerator,
 };
-#[cfg(feature = "sqlite")]
-pub use sqlite_store::SqliteJobStore;
 pub use store::{JobChange, JobFilter, JobStore, MemoryJobStore, StoreError, Updated};
 
 use serde_json::{json, Value};

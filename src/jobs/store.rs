@@ -1,7 +1,7 @@
 //! Where jobs live: the `JobStore` trait and its in-memory implementation.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 
 use serde_json::Value;
 
@@ -121,8 +121,7 @@ impl MemoryJobStore {
     }
 
     fn lock(&self) -> MutexGuard<'_, MemoryState> {
-        // Nothing panics while holding the lock, so the state is consistent even if poisoned.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::panic::lock(&self.state)
     }
 }
 

@@ -2,11 +2,13 @@
 
 use std::time::Duration;
 
-use hyper::header::{HeaderMap, AUTHORIZATION};
+use hyper::header::{HeaderMap, AUTHORIZATION, COOKIE};
+use hyper::Request;
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, MISSING_TOKEN};
+use super::request::query_param;
 
 /// The `role` claim that allows `POST /ai/events/publish`.
 pub const PUBLISHER_ROLE: &str = "publisher";
@@ -102,7 +104,7 @@ impl Authenticator {
 }
 
 /// The token of an `Authorization: Bearer <token>` header.
-pub(super) fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
     let value = headers
         .get(AUTHORIZATION)
         .ok_or(ApiError::Unauthorized(MISSING_TOKEN))?;
@@ -119,4 +121,26 @@ pub(super) fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
         .ok_or(ApiError::Unauthorized(
             "authorization header is not 'Bearer <token>'",
         ))
+}
+
+/// The stream's token: the `Authorization: Bearer` header, else (for `EventSource`, which
+/// cannot send headers) the `access_token` query parameter, else the `access_token` cookie.
+pub(crate) fn stream_token<B>(request: &Request<B>) -> Result<String, ApiError> {
+    if request.headers().contains_key(AUTHORIZATION) {
+        return bearer_token(request.headers()).map(str::to_owned);
+    }
+    if let Some(token) = query_param(request, "access_token")? {
+        return Ok(token);
+    }
+    let cookie = request
+        .headers()
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .find_map(|pair| pair.trim().strip_prefix("access_token="));
+    match cookie {
+        Some(token) if !token.is_empty() => Ok(token.to_owned()),
+        _ => Err(ApiError::Unauthorized(MISSING_TOKEN)),
+    }
 }

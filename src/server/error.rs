@@ -3,7 +3,7 @@
 use hyper::header::{HeaderValue, ALLOW, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Response, StatusCode};
 
-use super::{json_response, ResponseBody};
+use super::response::{json_response, ResponseBody};
 
 /// The 401 reason when no token was sent at all: its challenge carries no error code
 /// (RFC 6750 §3.1), since nothing was wrong with a token.

@@ -42,15 +42,28 @@ impl TestServer {
         Self::start_with_generator(config, Arc::new(OfflineGenerator)).await
     }
 
+    /// A server on the backends its configuration names, as the binary opens them.
+    pub async fn open(config: Config) -> Self {
+        let state = AppState::open(config, Arc::new(EventBus::new()))
+            .await
+            .unwrap();
+        Self::serve(state).await
+    }
+
     /// A server whose jobs use `generator`, with an in-memory store.
     pub async fn start_with_generator(
         config: Config,
         generator: Arc<dyn ArtifactGenerator>,
     ) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let store = Arc::new(MemoryJobStore::new(config.max_jobs));
         let state = AppState::with_jobs(config, Arc::new(EventBus::new()), store, generator);
+        Self::serve(state).await
+    }
+
+    /// Serves `state` on an ephemeral port.
+    async fn serve(state: Arc<AppState>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
         let (shutdown, stop) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(listener, state.clone(), async {
             let _ = stop.await;
@@ -287,15 +300,23 @@ impl SseClient {
     }
 }
 
+/// A suffix no other call in any process makes: the process id, a counter and the time.
+pub fn unique_suffix() -> String {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{}-{call}-{nanos}", std::process::id())
+}
+
 /// A fresh directory under the system temp dir, removed (with its files) when dropped.
 pub struct TempDir(pub std::path::PathBuf);
 
 impl TempDir {
     pub fn new(name: &str) -> TempDir {
-        let path = std::env::temp_dir().join(format!(
-            "artifact-events-{name}-{}",
-            artifact_events::random::hex_token(8)
-        ));
+        let path = std::env::temp_dir().join(format!("artifact-events-{name}-{}", unique_suffix()));
         std::fs::create_dir_all(&path).unwrap();
         TempDir(path)
     }

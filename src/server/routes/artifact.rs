@@ -6,8 +6,10 @@ use serde_json::{json, Map, Value};
 use crate::config::{MAX_CONTENT_BYTES, MAX_GENERATE_BODY_BYTES};
 use crate::jobs::{ArtifactType, CancelOutcome, Job, JobFilter, JobStatus, StoreError};
 use crate::log;
-use crate::server::router::{query_pairs, read_json, RequestBody};
-use crate::server::{json_response, ApiError, AppState, ResponseBody};
+use crate::server::error::ApiError;
+use crate::server::request::{query_pairs, read_json, RequestBody};
+use crate::server::response::{json_response, ResponseBody};
+use crate::server::state::AppState;
 
 /// The fields a generate request may have.
 const GENERATE_FIELDS: [&str; 4] = ["notebook_id", "artifact_type", "content", "options"];

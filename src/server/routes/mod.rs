@@ -1,4 +1,5 @@
 //! One module per resource.
 
 pub(crate) mod artifact;
-pub(super) mod events;
+pub(super) mod publish;
+pub(super) mod stream;

@@ -5,14 +5,14 @@ use std::path::Path;
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use tokio::time::Instant;
 
-use super::history::{EventId, History, HistoryLimits, RecordedEvent};
-use crate::database::{self, DatabaseError};
+use super::DatabaseError;
+use crate::delivery::{EventId, History, HistoryLimits, HistorySink, RecordedEvent};
 use crate::events::EventType;
 use crate::log;
 
@@ -55,7 +55,7 @@ pub fn open(path: &Path, limits: HistoryLimits) -> Result<(History, HistoryWrite
         path: path.to_owned(),
         reason: error.to_string(),
     };
-    let mut connection = database::open(path)?;
+    let mut connection = super::open(path)?;
     let history = load(&mut connection, limits).map_err(error)?;
     let (queue, writes) = mpsc::sync_channel(WRITER_QUEUE_CAPACITY);
     let totals = Totals::read(&connection).map_err(error)?;
@@ -74,11 +74,11 @@ pub fn open(path: &Path, limits: HistoryLimits) -> Result<(History, HistoryWrite
     Ok((history, writer))
 }
 
-impl HistoryWriter {
+impl HistorySink for HistoryWriter {
     /// Queues `event` for storing. Never blocks: when the writer is a whole queue behind, the
     /// event is not stored, and the next write tells the store so, which then answers a replay
     /// from before it with `replay_incomplete` instead of silently skipping it.
-    pub fn offer(&mut self, user: &Arc<str>, event: &RecordedEvent) {
+    fn offer(&mut self, user: &Arc<str>, event: &RecordedEvent) {
         if let Some(lost) = self.lost_through {
             if self.queue.try_send(Write::Lost(lost)).is_ok() {
                 self.lost_through = None;
@@ -103,7 +103,7 @@ impl HistoryWriter {
     }
 
     /// Stores everything queued, then stops the writer (at shutdown).
-    pub fn finish(self) {
+    fn finish(self: Box<Self>) {
         if let Some(lost) = self.lost_through {
             let _ = self.queue.send(Write::Lost(lost));
         }
@@ -116,7 +116,7 @@ impl HistoryWriter {
 
 /// Reads the retained events into a new `History`.
 fn load(connection: &mut Connection, limits: HistoryLimits) -> rusqlite::Result<History> {
-    let now_ms = unix_ms();
+    let now_ms = crate::time::unix_millis();
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut forgotten_through = match read_watermark(&transaction)? {
         Some(watermark) => watermark,
@@ -251,7 +251,7 @@ fn store_batch(
     limits: HistoryLimits,
     totals: &mut Totals,
 ) -> rusqlite::Result<()> {
-    let recorded_ms = unix_ms();
+    let recorded_ms = crate::time::unix_millis();
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     if let Some(lost) = failed_through {
         forget_through_id(&transaction, lost, totals)?;
@@ -420,13 +420,6 @@ fn raise_watermark(transaction: &Transaction<'_>, id: EventId) -> rusqlite::Resu
     Ok(())
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,24 +459,19 @@ mod tests {
         let user: Arc<str> = Arc::from(user);
         let ids = (0..count)
             .map(|_| {
-                let id = history.next_id();
-                let event = RecordedEvent {
-                    id,
-                    event_type: EventType::COMPLETED,
-                    frame: Bytes::from(format!("id: {id}\ndata: {{}}\n\n")),
-                };
+                let event =
+                    history.record(&user, &EventType::COMPLETED, "{}", None, Instant::now());
                 writer.offer(&user, &event);
-                history.record(&user, event, Instant::now());
-                id
+                event.id
             })
             .collect();
-        writer.finish();
+        Box::new(writer).finish();
         ids
     }
 
     fn replay(path: &Path, limits: HistoryLimits, user: &str, after: EventId) -> (bool, usize) {
         let (mut history, writer) = open(path, limits).unwrap();
-        writer.finish();
+        Box::new(writer).finish();
         let replay = history.since(user, &after.to_string(), Instant::now());
         (replay.complete, replay.events.len())
     }
@@ -549,7 +537,7 @@ mod tests {
             )
             .unwrap();
         let (mut history, writer) = open(&scratch.0, limits()).unwrap();
-        writer.finish();
+        Box::new(writer).finish();
         let now = Instant::now();
         assert_eq!(history.len(), 1);
         assert!(
@@ -571,7 +559,7 @@ mod tests {
             seq: ids[2].seq + 1,
         };
         writer.lost_through = Some(lost);
-        writer.finish();
+        Box::new(writer).finish();
         assert_eq!(replay(&scratch.0, limits(), "alice", ids[0]), (false, 0));
         assert_eq!(replay(&scratch.0, limits(), "alice", lost), (true, 0));
     }

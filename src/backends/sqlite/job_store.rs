@@ -2,14 +2,16 @@
 //! requeued when the next one starts.
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::types::Type;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 
-use super::store::{JobChange, JobFilter, JobStore, StoreError, Updated};
-use super::{ArtifactType, Job, JobStatus};
-use crate::database::{self, DatabaseError};
+use super::DatabaseError;
+use crate::jobs::{
+    ArtifactType, Job, JobChange, JobFilter, JobStatus, JobStore, StoreError, Updated,
+};
+use crate::panic::lock;
 
 /// The columns [`job_from_row`] reads, in its order.
 const JOB_COLUMNS: &str = "id, user_id, notebook_id, artifact_type, content, count, status, \
@@ -40,7 +42,7 @@ impl SqliteJobStore {
     /// Opens (or creates) the store in the file at `path`; like the memory store it keeps at
     /// most `max_jobs` jobs, forgetting the oldest finished ones first.
     pub fn open(path: &Path, max_jobs: usize) -> Result<Self, DatabaseError> {
-        let connection = database::open(path)?;
+        let connection = super::open(path)?;
         let job_count = connection
             .query_row("SELECT count(*) FROM jobs", [], |row| row.get(0))
             .map_err(|error| DatabaseError {
@@ -58,7 +60,7 @@ impl SqliteJobStore {
 
     fn lock(&self) -> MutexGuard<'_, SqliteState> {
         // A panic under the lock drops its transaction, which rolls back: the file is intact.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state)
     }
 }
 

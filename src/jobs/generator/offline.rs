@@ -1,17 +1,14 @@
-//! Artifact generation: the generator interface and a deterministic offline generator
-//! that builds quizzes, flashcards and summaries from the content text alone.
+//! A deterministic generator that works offline: cloze quizzes, flashcards and summaries
+//! built from the content's own sentences and key terms.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::{json, Value};
 
-/// Number of options every quiz question carries.
-pub const OPTIONS_PER_QUESTION: usize = 4;
+use super::{
+    ArtifactGenerator, ArtifactType, BoxFuture, GenerationError, GenerationRequest,
+    OPTIONS_PER_QUESTION,
+};
 
 const BLANK: &str = "_____";
 const EXPLANATION_PREFIX: &str = "From the text: ";
@@ -48,86 +45,6 @@ const STOPWORDS: &[&str] = &[
     "you", "your", "yours", "yourself",
 ];
 
-/// Which artifact a job produces.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ArtifactType {
-    /// Multiple-choice cloze questions.
-    Quiz,
-    /// Term/explanation study cards.
-    Flashcards,
-    /// A short summary plus key points.
-    Summary,
-}
-
-impl ArtifactType {
-    /// The wire name: "quiz", "flashcards" or "summary".
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            ArtifactType::Quiz => "quiz",
-            ArtifactType::Flashcards => "flashcards",
-            ArtifactType::Summary => "summary",
-        }
-    }
-
-    /// Parses a wire name exactly ("quiz", not "Quiz").
-    pub fn parse(name: &str) -> Option<Self> {
-        [Self::Quiz, Self::Flashcards, Self::Summary]
-            .into_iter()
-            .find(|kind| kind.as_str() == name)
-    }
-}
-
-/// What a generator is asked for.
-#[derive(Clone, Debug)]
-pub struct GenerationRequest {
-    /// The artifact to produce.
-    pub artifact_type: ArtifactType,
-    /// The source text the artifact is built from.
-    pub content: String,
-    /// Questions (quiz) or cards (flashcards); for summary, the number of key points wanted.
-    pub count: usize,
-}
-
-/// A boxed future, so generators can be used as `Arc<dyn ArtifactGenerator>`.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// Why a generator could not produce output (not a validation failure).
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerationError(pub String);
-
-impl fmt::Display for GenerationError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "generation failed: {}", self.0)
-    }
-}
-
-impl std::error::Error for GenerationError {}
-
-/// Produces artifacts; the offline generator below, or later an LLM-backed one.
-pub trait ArtifactGenerator: Send + Sync + 'static {
-    /// Decides what to generate; the plan is opaque to the worker (JSON).
-    fn plan<'a>(
-        &'a self,
-        request: &'a GenerationRequest,
-    ) -> BoxFuture<'a, Result<Value, GenerationError>>;
-
-    /// Produces the artifact JSON from the plan.
-    fn generate<'a>(
-        &'a self,
-        request: &'a GenerationRequest,
-        plan: &'a Value,
-    ) -> BoxFuture<'a, Result<Value, GenerationError>>;
-
-    /// Produces a corrected artifact, given the previous output and the validator's errors.
-    fn repair<'a>(
-        &'a self,
-        request: &'a GenerationRequest,
-        plan: &'a Value,
-        output: &'a Value,
-        errors: &'a [String],
-    ) -> BoxFuture<'a, Result<Value, GenerationError>>;
-}
-
 /// Deterministic generator that works offline from the content text alone.
 #[derive(Clone, Debug, Default)]
 pub struct OfflineGenerator;
@@ -160,57 +77,6 @@ impl ArtifactGenerator for OfflineGenerator {
                 return Ok(output.clone());
             }
             repair_output(request, plan, output)
-        })
-    }
-}
-
-/// Another generator made slower by a fixed delay before each call (`GENERATOR_DELAY_MS`): the
-/// offline generator answers in about a millisecond, an LLM in seconds, and what that latency
-/// does to jobs (progress, cancels, timeouts, restarts mid-job) is worth seeing and testing.
-pub struct DelayedGenerator {
-    inner: Arc<dyn ArtifactGenerator>,
-    delay: Duration,
-}
-
-impl DelayedGenerator {
-    /// `inner`, with `delay` added to each of its calls.
-    pub fn new(inner: Arc<dyn ArtifactGenerator>, delay: Duration) -> Self {
-        DelayedGenerator { inner, delay }
-    }
-}
-
-impl ArtifactGenerator for DelayedGenerator {
-    fn plan<'a>(
-        &'a self,
-        request: &'a GenerationRequest,
-    ) -> BoxFuture<'a, Result<Value, GenerationError>> {
-        Box::pin(async move {
-            tokio::time::sleep(self.delay).await;
-            self.inner.plan(request).await
-        })
-    }
-
-    fn generate<'a>(
-        &'a self,
-        request: &'a GenerationRequest,
-        plan: &'a Value,
-    ) -> BoxFuture<'a, Result<Value, GenerationError>> {
-        Box::pin(async move {
-            tokio::time::sleep(self.delay).await;
-            self.inner.generate(request, plan).await
-        })
-    }
-
-    fn repair<'a>(
-        &'a self,
-        request: &'a GenerationRequest,
-        plan: &'a Value,
-        output: &'a Value,
-        errors: &'a [String],
-    ) -> BoxFuture<'a, Result<Value, GenerationError>> {
-        Box::pin(async move {
-            tokio::time::sleep(self.delay).await;
-            self.inner.repair(request, plan, output, errors).await
         })
     }
 }

@@ -1,4 +1,5 @@
-//! Event ids and the bounded per-user history that `Last-Event-ID` replays from.
+//! Event ids and the bounded per-user history that `Last-Event-ID` replays from. Every event's
+//! id is chosen here, in [`History::record`], and nowhere else.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -9,6 +10,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::events::EventType;
+use crate::sse::encoder::{self, Event};
 
 /// An event's id: a time in ms (the epoch) and a sequence number after it, ordered as a pair.
 ///
@@ -74,6 +76,17 @@ pub struct RecordedEvent {
     pub frame: Bytes,
 }
 
+/// Somewhere durable that recorded events are also kept (the SQLite backend implements it), so
+/// that replay survives a restart.
+pub trait HistorySink: Send {
+    /// Takes a copy of an event just recorded for `user`. Called under the stream index's
+    /// lock, on the delivery path: it must only queue, never block on I/O.
+    fn offer(&mut self, user: &Arc<str>, event: &RecordedEvent);
+
+    /// Stores everything offered so far, then stops (at shutdown, after the last publish).
+    fn finish(self: Box<Self>);
+}
+
 /// What a reconnecting client gets.
 #[derive(Debug, Default)]
 pub struct Replay {
@@ -132,7 +145,6 @@ impl History {
     /// A history that continues a stored one: `events` (user, event, when it was recorded),
     /// oldest first, all later than `forgotten_through`, the newest id whose events may be gone.
     /// `epoch` must be later than every stored id.
-    #[cfg(feature = "sqlite")]
     pub fn resume(
         epoch: u64,
         limits: HistoryLimits,
@@ -143,14 +155,14 @@ impl History {
         history.last_id = forgotten_through;
         history.forgotten_through = forgotten_through;
         for (user, event, recorded_at) in events {
-            history.record(&user, event, recorded_at);
+            history.insert(&user, event, recorded_at);
         }
         history.stored_through = Some(history.last_id());
         history
     }
 
     /// The id the next event will get when this history numbers events itself.
-    pub fn next_id(&self) -> EventId {
+    fn next_id(&self) -> EventId {
         if self.last_id.epoch < self.epoch {
             EventId {
                 epoch: self.epoch,
@@ -186,9 +198,38 @@ impl History {
         self.last_id
     }
 
-    /// Records `event` (whose id must be later than [`History::last_id`]) for `user`, then
+    /// Records an event for `user` and returns it with its id and encoded frame. The id is
+    /// `proposed` (one given by another process, say) if that is later than every recorded id,
+    /// else the next one of this history's own: ids only ever increase, and nothing is dropped.
+    pub fn record(
+        &mut self,
+        user: &Arc<str>,
+        event_type: &EventType,
+        data: &str,
+        proposed: Option<EventId>,
+        now: Instant,
+    ) -> RecordedEvent {
+        let id = proposed
+            .filter(|id| *id > self.last_id)
+            .unwrap_or_else(|| self.next_id());
+        let frame = encoder::encode(&Event {
+            id: Some(&id.to_string()),
+            data,
+            ..Event::default()
+        })
+        .expect("numeric ids and data always encode");
+        let event = RecordedEvent {
+            id,
+            event_type: event_type.clone(),
+            frame,
+        };
+        self.insert(user, event.clone(), now);
+        event
+    }
+
+    /// Keeps `event` (whose id must be later than [`History::last_id`]) for `user`, then
     /// evicts what the limits no longer allow.
-    pub fn record(&mut self, user: &Arc<str>, event: RecordedEvent, now: Instant) {
+    fn insert(&mut self, user: &Arc<str>, event: RecordedEvent, now: Instant) {
         debug_assert!(event.id > self.last_id, "ids must increase");
         self.last_id = event.id;
         self.total_bytes += retained_size(&event);
@@ -246,6 +287,11 @@ impl History {
             complete: theirs && !lost_in_a_crash,
             events: history.events.range(first_missed..).cloned().collect(),
         }
+    }
+
+    /// Whether no event is retained.
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
     }
 
     /// Events retained over all users.
@@ -310,16 +356,10 @@ mod tests {
         }
     }
 
-    /// Records one event for `user` with a frame naming its seq; returns its id.
+    /// Records one event for `user` under the history's own numbering; returns its id.
     fn record(history: &mut History, user: &str, now: Instant) -> EventId {
-        let id = history.next_id();
-        let event = RecordedEvent {
-            id,
-            event_type: EventType::COMPLETED,
-            frame: Bytes::from(format!("id: {id}\ndata: {{}}\n\n")),
-        };
-        history.record(&Arc::from(user), event, now);
-        id
+        let event = history.record(&Arc::from(user), &EventType::COMPLETED, "{}", None, now);
+        event.id
     }
 
     fn seqs(replay: &Replay) -> Vec<u64> {
@@ -409,12 +449,10 @@ mod tests {
         let now = Instant::now();
         let mut history = History::new(EPOCH, limits());
         let record_id = |history: &mut History, id: EventId| {
-            let event = RecordedEvent {
-                id,
-                event_type: EventType::COMPLETED,
-                frame: Bytes::from(format!("id: {id}\ndata: {{}}\n\n")),
-            };
-            history.record(&Arc::from("alice"), event, now);
+            let alice = Arc::from("alice");
+            let event = history.record(&alice, &EventType::COMPLETED, "{}", Some(id), now);
+            assert_eq!(event.id, id, "a later given id is taken as it is");
+            assert_eq!(event.frame, format!("id: {id}\ndata: {{}}\n\n"));
         };
         // Redis stream ids: a later millisecond restarts the sequence at 0.
         let first = EventId {
@@ -446,7 +484,21 @@ mod tests {
         assert_eq!(replay.events.len(), 1);
     }
 
-    #[cfg(feature = "sqlite")]
+    #[test]
+    fn a_given_id_not_after_the_last_is_renumbered_never_dropped() {
+        let now = Instant::now();
+        let mut history = History::new(EPOCH, limits());
+        let alice: Arc<str> = Arc::from("alice");
+        let given = EventId {
+            epoch: EPOCH + 9,
+            seq: 4,
+        };
+        history.record(&alice, &EventType::COMPLETED, "{}", Some(given), now);
+        let stale = history.record(&alice, &EventType::COMPLETED, "{}", Some(given), now);
+        assert_eq!(stale.id, EventId { seq: 5, ..given });
+        assert_eq!(history.len(), 2);
+    }
+
     #[test]
     fn a_resumed_history_replays_stored_events_and_knows_what_it_never_stored() {
         let now = Instant::now();

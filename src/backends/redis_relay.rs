@@ -2,17 +2,30 @@
 //! reads that stream and delivers each entry to its own streams and handlers, under the
 //! entry's Redis id, so ids (and `Last-Event-ID` replay) are the same on every process.
 //!
-//! When Redis is unreachable, publishing goes on locally: the event is delivered to this
-//! process at once (under a local id) and kept in a bounded outbox, which is appended to
-//! Redis when it is back, for the other processes; this process skips those entries when it
-//! reads them back. A publish that finds the outbox full is still delivered locally but
-//! reported as an error, since the other processes will never see it. An append that failed
-//! is handled as an outage publish; if Redis had applied it after all, the entry is found when
-//! reading on and replaces the outbox copy, so the event is delivered once everywhere.
+//! # Outages
+//!
+//! An outage starts when a read or an append fails, and only [`RedisRelay::recover`] ends it.
+//! During an outage, a publish is delivered here at once, under an outage id (see
+//! [`outage_id`]: the process's random tag in the high bits of `seq`, so no other process
+//! issues it, and a client that takes it elsewhere is told its replay is incomplete), and kept
+//! in a bounded outbox. Recovery first reads what Redis holds (an append whose reply was lost
+//! is found there and replaces its outbox copy), then appends the outbox with `local=1`, which
+//! the origin skips when it reads the entries back. A publish that finds the outbox full is
+//! still delivered here but reported as an error, since the other processes will never see it.
+//!
+//! A publisher whose append went unanswered and the reader that may find that entry decide
+//! under the outage lock which of them delivers it, so it is delivered once everywhere.
+//!
+//! # Locks
+//!
+//! `outage` guards the outage flag, the outbox and the unsure publishes together. When more
+//! than one lock is held, `outage` is taken first, then `writer` or `waiting`; `writer` and
+//! `waiting` are never held together. All are std mutexes held for field edits only, never
+//! across an `.await`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -21,11 +34,12 @@ use redis::{AsyncConnectionConfig, Client, RedisError};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use super::{BoxFuture, EventBus, EventType, PublishError, PublishResult, Relay};
 use crate::config::RedisSettings;
+use crate::delivery::{EventId, History, HistoryLimits, StreamIndex, StreamSettings};
+use crate::events::{BoxFuture, EventBus, EventType, PublishError, PublishResult, Relay};
 use crate::log;
 use crate::metrics::Metrics;
-use crate::sse::{EventId, StreamIndex};
+use crate::panic::lock;
 
 /// How long one `XREAD` blocks before asking again; also how soon a silent outage is noticed.
 const READ_BLOCK: Duration = Duration::from_millis(1000);
@@ -84,43 +98,43 @@ struct Pending {
 }
 
 impl RedisRelay {
-    /// Connects to Redis, loads the stream's recent events into `streams`' replay history,
-    /// makes `bus` publish through Redis, and starts reading. Fails if Redis is unreachable.
+    /// Connects to Redis, loads the stream's recent events into a new stream index's replay
+    /// history, makes `bus` publish through Redis, and starts reading; returns the index, which
+    /// the relay feeds (it is not subscribed to the bus). Fails if Redis is unreachable.
     pub async fn start(
         settings: RedisSettings,
         bus: Arc<EventBus>,
-        streams: Arc<StreamIndex>,
         metrics: Arc<Metrics>,
-        history_events: usize,
-    ) -> Result<Arc<RedisRelay>, String> {
+        stream_settings: StreamSettings,
+    ) -> Result<Arc<StreamIndex>, String> {
         let client = Client::open(settings.url.as_str())
             .map_err(|error| format!("REDIS_URL {}: {error}", settings.url))?;
+        let unreachable =
+            |error: RedisError| format!("Redis at {} is unreachable: {error}", settings.url);
+        let mut writer = connect(&client, COMMAND_TIMEOUT)
+            .await
+            .map_err(unreachable)?;
+        let reader = connect(&client, COMMAND_TIMEOUT + READ_BLOCK)
+            .await
+            .map_err(unreachable)?;
+        let (history, last_read) = load_history(&mut writer, &settings, stream_settings.history)
+            .await
+            .map_err(unreachable)?;
+        let streams = StreamIndex::with_history(stream_settings, metrics.clone(), history, None);
         let relay = Arc::new(RedisRelay {
             client,
             origin: crate::random::hex_token(8),
             outage_tag: u32::from_str_radix(&crate::random::hex_token(4), 16)
                 .expect("hex_token gives hex digits"),
             bus: bus.clone(),
-            streams,
+            streams: streams.clone(),
             metrics,
-            writer: Mutex::new(None),
+            writer: Mutex::new(Some(writer)),
             outage: Mutex::new(Outage::default()),
             next_publish: AtomicU64::new(0),
             waiting: Mutex::new(HashMap::new()),
             settings,
         });
-        let unreachable =
-            |error: RedisError| format!("Redis at {} is unreachable: {error}", relay.settings.url);
-        let mut writer = relay.connect(COMMAND_TIMEOUT).await.map_err(unreachable)?;
-        let reader = relay
-            .connect(COMMAND_TIMEOUT + READ_BLOCK)
-            .await
-            .map_err(unreachable)?;
-        let last_read = relay
-            .load_history(&mut writer, history_events)
-            .await
-            .map_err(unreachable)?;
-        *lock(&relay.writer) = Some(writer);
         relay.metrics.set_redis_state(true, 0);
         if !bus.set_relay(relay.clone()) {
             return Err("the event bus already has a relay".to_owned());
@@ -130,60 +144,8 @@ impl RedisRelay {
             relay.settings.stream_key,
             relay.settings.url
         );
-        tokio::spawn(relay.clone().read_loop(reader, last_read));
-        Ok(relay)
-    }
-
-    async fn connect(
-        &self,
-        response_timeout: Duration,
-    ) -> Result<MultiplexedConnection, RedisError> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(COMMAND_TIMEOUT))
-            .set_response_timeout(Some(response_timeout));
-        self.client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-    }
-
-    /// Records the stream's newest events (up to what the history keeps) so that replay works
-    /// for clients coming from another process; returns the id to read on from.
-    async fn load_history(
-        &self,
-        connection: &mut MultiplexedConnection,
-        history_events: usize,
-    ) -> Result<String, RedisError> {
-        let count = history_events.min(self.settings.max_len);
-        let reply: StreamRangeReply = redis::cmd("XREVRANGE")
-            .arg(&self.settings.stream_key)
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(count)
-            .query_async(connection)
-            .await?;
-        let Some(newest) = reply.ids.first().map(|entry| entry.id.clone()) else {
-            // Redis numbers the first entries by its own clock, which may be behind ours: take
-            // its ids from its "now" on, rather than renumber them here and nowhere else.
-            let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(connection).await?;
-            let redis_now = seconds * 1000 + micros / 1000;
-            self.streams.resume_after(EventId {
-                epoch: redis_now.saturating_sub(1),
-                seq: 0,
-            });
-            return Ok("0-0".to_owned());
-        };
-        if let Some(oldest) = reply.ids.last().and_then(|entry| EventId::parse(&entry.id)) {
-            // Older entries may have been trimmed: a replay from before the oldest loaded one
-            // cannot be known complete.
-            self.streams.resume_after(just_before(oldest));
-        }
-        for entry in reply.ids.iter().rev() {
-            if let Some((event_type, data, id)) = decode(entry) {
-                self.streams.remember(&event_type, &data, id);
-            }
-        }
-        Ok(newest)
+        tokio::spawn(relay.read_loop(reader, last_read));
+        Ok(streams)
     }
 
     /// Reads the stream for as long as the process runs, through outages.
@@ -277,7 +239,8 @@ impl RedisRelay {
             log::warning!("skipping malformed Redis stream entry {}", entry.id);
             return;
         };
-        self.streams.deliver_identified(&event_type, &data, id);
+        self.streams
+            .deliver_numbered(&event_type, &data, |_| Some(id));
         let handlers = DISPATCHING
             .scope((), self.bus.dispatch(&event_type, Arc::new(data)))
             .await;
@@ -308,8 +271,8 @@ impl RedisRelay {
     /// Reconnects, reads what was appended meanwhile, appends the outbox, and ends the outage;
     /// returns a new reading connection.
     async fn recover(&self, last_read: &mut String) -> Result<MultiplexedConnection, RedisError> {
-        let mut writer = self.connect(COMMAND_TIMEOUT).await?;
-        let mut reader = self.connect(COMMAND_TIMEOUT + READ_BLOCK).await?;
+        let mut writer = connect(&self.client, COMMAND_TIMEOUT).await?;
+        let mut reader = connect(&self.client, COMMAND_TIMEOUT + READ_BLOCK).await?;
         // First, so that an append whose reply was lost is found applied, not appended twice.
         while self.read_batch(&mut reader, last_read, false).await? > 0 {}
         lock(&self.outage).unsure.clear();
@@ -468,8 +431,9 @@ impl RedisRelay {
         event_data: Value,
         kept: bool,
     ) -> PublishResult {
+        let tag = self.outage_tag;
         self.streams
-            .deliver_during_outage(&event_type, &event_data, self.outage_tag);
+            .deliver_numbered(&event_type, &event_data, |last| Some(outage_id(last, tag)));
         let handlers = self.bus.dispatch(&event_type, Arc::new(event_data)).await;
         if kept {
             Ok(handlers)
@@ -511,7 +475,125 @@ fn just_before(id: EventId) -> EventId {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Nothing panics while these locks are held, so a poisoned value is still consistent.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+/// Connects with `response_timeout` for each command (the reader's covers its blocking read).
+async fn connect(
+    client: &Client,
+    response_timeout: Duration,
+) -> Result<MultiplexedConnection, RedisError> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(COMMAND_TIMEOUT))
+        .set_response_timeout(Some(response_timeout));
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+}
+
+/// A history of the stream's newest events (up to what the history keeps), so that replay
+/// works for clients coming from another process; and the id to read on from.
+async fn load_history(
+    connection: &mut MultiplexedConnection,
+    settings: &RedisSettings,
+    limits: HistoryLimits,
+) -> Result<(History, String), RedisError> {
+    let mut history = History::new(crate::time::unix_millis(), limits);
+    let count = limits.total_events.min(settings.max_len);
+    let reply: StreamRangeReply = redis::cmd("XREVRANGE")
+        .arg(&settings.stream_key)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(count)
+        .query_async(connection)
+        .await?;
+    let Some(newest) = reply.ids.first().map(|entry| entry.id.clone()) else {
+        // Redis numbers the first entries by its own clock, which may be behind ours: take
+        // its ids from its "now" on, rather than renumber them here and nowhere else.
+        let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(connection).await?;
+        let redis_now = seconds * 1000 + micros / 1000;
+        history.resume_after(EventId {
+            epoch: redis_now.saturating_sub(1),
+            seq: 0,
+        });
+        return Ok((history, "0-0".to_owned()));
+    };
+    if let Some(oldest) = reply.ids.last().and_then(|entry| EventId::parse(&entry.id)) {
+        // Older entries may have been trimmed: a replay from before the oldest loaded one
+        // cannot be known complete.
+        history.resume_after(just_before(oldest));
+    }
+    let now = tokio::time::Instant::now();
+    for entry in reply.ids.iter().rev() {
+        let Some((event_type, data, id)) = decode(entry) else {
+            continue;
+        };
+        if let Some(user) = data.get("user_id").and_then(serde_json::Value::as_str) {
+            history.record(
+                &Arc::from(user),
+                &event_type,
+                &data.to_string(),
+                Some(id),
+                now,
+            );
+        }
+    }
+    Ok((history, newest))
+}
+
+/// The top bit of an outage id's `seq`; below it, the 31-bit process tag, then a counter.
+const OUTAGE_SEQ: u64 = 1 << 63;
+/// The counter bits of an outage id's `seq`.
+const OUTAGE_COUNTER: u64 = 0xffff_ffff;
+
+/// The id this process gives an event published during an outage, after `last`: in the same
+/// millisecond, the process's tag with a counter; past the end of the counter, the next
+/// millisecond, so an outage id never leaves the process's range.
+fn outage_id(last: EventId, tag: u32) -> EventId {
+    let base = OUTAGE_SEQ | (u64::from(tag & !(1 << 31)) << 32);
+    let counting = last.seq & !OUTAGE_COUNTER == base && last.seq & OUTAGE_COUNTER < OUTAGE_COUNTER;
+    let this_ms = EventId {
+        epoch: last.epoch,
+        seq: if counting { last.seq + 1 } else { base },
+    };
+    if this_ms > last {
+        this_ms
+    } else {
+        EventId {
+            epoch: last.epoch + 1,
+            seq: base,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outage_ids_carry_the_process_tag_and_count_on_until_the_counter_runs_out() {
+        let shared = EventId {
+            epoch: 1_700_000_000_005,
+            seq: 3,
+        };
+        let first = outage_id(shared, 7);
+        assert_eq!(first.epoch, shared.epoch);
+        assert_eq!(first.seq, OUTAGE_SEQ | 7 << 32);
+        let second = outage_id(first, 7);
+        assert_eq!(second.seq, first.seq + 1);
+
+        let exhausted = EventId {
+            seq: OUTAGE_SEQ | 7 << 32 | OUTAGE_COUNTER,
+            ..first
+        };
+        assert_eq!(
+            outage_id(exhausted, 7),
+            EventId {
+                epoch: exhausted.epoch + 1,
+                seq: OUTAGE_SEQ | 7 << 32
+            },
+            "the next millisecond, not a count carried into the tag bits"
+        );
+        let other_process = outage_id(second, 9);
+        assert!(other_process > second, "ids only increase");
+        assert_eq!(other_process.seq, OUTAGE_SEQ | 9 << 32);
+    }
 }

@@ -3,13 +3,13 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use hyper::body::{Body, Frame};
 
-use super::stream_index::Registration;
+use crate::panic::lock;
 
 /// Most bytes of queued frames joined into one chunk. Joining costs a copy but saves a chunk
 /// header and a socket write per frame, and the write is what dominates under load.
@@ -70,20 +70,22 @@ impl FrameQueue {
     }
 
     fn lock(&self) -> MutexGuard<'_, QueueState> {
-        // Nothing panics while holding the lock, so the deque is consistent even if poisoned.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state)
     }
 }
 
 /// A chunked response body that yields its queue's frames and ends when the queue is closed.
-pub struct SseBody {
+///
+/// `R` is held for as long as the body lives: the stream index's registration, which takes
+/// the stream out of the index when hyper drops the body (the client went away).
+pub struct SseBody<R> {
     queue: Arc<FrameQueue>,
-    /// Removes the stream from the index when hyper drops the body (the client went away).
-    _registration: Registration,
+    _registration: R,
 }
 
-impl SseBody {
-    pub(super) fn new(queue: Arc<FrameQueue>, registration: Registration) -> Self {
+impl<R> SseBody<R> {
+    /// A body fed by `queue`, holding `registration` until it is dropped.
+    pub(super) fn new(queue: Arc<FrameQueue>, registration: R) -> Self {
         SseBody {
             queue,
             _registration: registration,
@@ -91,7 +93,7 @@ impl SseBody {
     }
 }
 
-impl Body for SseBody {
+impl<R: Unpin> Body for SseBody<R> {
     type Data = Bytes;
     type Error = Infallible;
 

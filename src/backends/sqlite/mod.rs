@@ -1,4 +1,11 @@
-//! The SQLite file behind durable jobs and event history: how it is opened, and its schema.
+//! The SQLite file behind durable jobs and event history: how it is opened, its schema, and
+//! the two backends kept in it, the job store and the history sink.
+
+mod history;
+mod job_store;
+
+pub use history::{open as open_history, HistoryWriter, WRITER_QUEUE_CAPACITY};
+pub use job_store::SqliteJobStore;
 
 use std::fmt;
 use std::fs::{File, OpenOptions, TryLockError};
@@ -6,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
+
+use crate::delivery::{History, HistoryLimits};
 
 /// Each schema change, in order; a file at version `n` has had the first `n` applied. Append
 /// new steps, never edit old ones: files written by earlier versions replay what they lack.
@@ -67,6 +76,35 @@ impl fmt::Display for DatabaseError {
 }
 
 impl std::error::Error for DatabaseError {}
+
+/// The backends kept in one SQLite file.
+pub struct SqliteBackends {
+    /// Keeps other processes off the file while held (see [`claim`]).
+    pub claim: File,
+    /// The durable job store.
+    pub store: SqliteJobStore,
+    /// The stored replay history and the writer that goes on storing it, if asked for.
+    pub history: Option<(History, HistoryWriter)>,
+}
+
+/// Claims the file at `path` and opens its job store and, with `history` limits, its stored
+/// replay history.
+pub fn open_backends(
+    path: &Path,
+    max_jobs: usize,
+    history: Option<HistoryLimits>,
+) -> Result<SqliteBackends, DatabaseError> {
+    let claim = claim(path)?;
+    let store = SqliteJobStore::open(path, max_jobs)?;
+    let history = history
+        .map(|limits| open_history(path, limits))
+        .transpose()?;
+    Ok(SqliteBackends {
+        claim,
+        store,
+        history,
+    })
+}
 
 /// Claims the database at `path` for this process for as long as the returned file is open,
 /// or says which file another process holds. Two servers on one file would each requeue the

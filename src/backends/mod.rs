@@ -1,0 +1,164 @@
+//! The backends behind the core's seams, chosen once, at start-up, in [`open`]: the job store
+//! (`JobStore`), where the replay history is also kept (`HistorySink`), how events cross
+//! processes (`Relay`), and the generator (`ArtifactGenerator`).
+//!
+//! This module and the backend modules below it are the only places that name a cargo
+//! feature; [`check`] is the one place that refuses a setting the build cannot serve.
+
+#[cfg(feature = "redis")]
+mod redis_relay;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+#[cfg(feature = "redis")]
+pub use redis_relay::RedisRelay;
+
+use std::fs::File;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::delivery::StreamIndex;
+use crate::events::{EventBus, Handler};
+use crate::jobs::{
+    ArtifactGenerator, DelayedGenerator, JobStore, MemoryJobStore, OfflineGenerator,
+};
+use crate::metrics::Metrics;
+
+/// What the server runs on, as the configuration chose it.
+pub struct Backends {
+    /// Where jobs are kept and claimed.
+    pub store: Arc<dyn JobStore>,
+    /// What the workers generate artifacts with.
+    pub generator: Arc<dyn ArtifactGenerator>,
+    /// The stream index, with its replay history loaded and its history sink, if any.
+    pub streams: Arc<StreamIndex>,
+    /// The index's subscription to the bus, to remove when the server goes; `None` when a
+    /// relay feeds the index instead.
+    pub bus_subscription: Option<Handler>,
+    /// Keeps other processes off the database file for as long as it is held.
+    pub database_claim: Option<File>,
+}
+
+/// Refuses a setting that this build was compiled without the feature for: refusing beats
+/// silently keeping in memory what the operator expects to be durable or shared.
+pub fn check(config: &Config) -> Result<(), String> {
+    if config.database_path.is_some() && !cfg!(feature = "sqlite") {
+        return Err("DATABASE_PATH is set, but this build has no SQLite support: rebuild with \
+             `cargo build --release --features sqlite`, or unset DATABASE_PATH to keep jobs in memory"
+            .to_owned());
+    }
+    if config.redis.is_some() && !cfg!(feature = "redis") {
+        return Err(
+            "REDIS_URL is set, but this build has no Redis support: rebuild with \
+             `cargo build --release --features redis`, or unset REDIS_URL"
+                .to_owned(),
+        );
+    }
+    Ok(())
+}
+
+/// Opens the backends that `config` names: jobs and history in the SQLite file at
+/// `DATABASE_PATH` (else in memory), events across processes through `REDIS_URL` (whose
+/// stream is then the history), and the offline generator, slowed by `GENERATOR_DELAY_MS`.
+pub async fn open(
+    config: &Config,
+    bus: &Arc<EventBus>,
+    metrics: &Arc<Metrics>,
+) -> Result<Backends, String> {
+    check(config)?;
+    let mut generator: Arc<dyn ArtifactGenerator> = Arc::new(OfflineGenerator);
+    if !config.generator_delay.is_zero() {
+        generator = Arc::new(DelayedGenerator::new(generator, config.generator_delay));
+    }
+    let backends = Backends {
+        store: Arc::new(MemoryJobStore::new(config.max_jobs)),
+        generator,
+        streams: StreamIndex::new(config.stream_settings(), metrics.clone()),
+        bus_subscription: None,
+        database_claim: None,
+    };
+    #[cfg(feature = "sqlite")]
+    let backends = match &config.database_path {
+        Some(path) => with_sqlite(backends, path, config, metrics)?,
+        None => backends,
+    };
+    #[cfg(feature = "redis")]
+    if let Some(settings) = &config.redis {
+        let streams = RedisRelay::start(
+            settings.clone(),
+            bus.clone(),
+            metrics.clone(),
+            config.stream_settings(),
+        )
+        .await?;
+        return Ok(Backends {
+            streams,
+            ..backends
+        });
+    }
+    Ok(Backends {
+        bus_subscription: Some(backends.streams.attach(bus)),
+        ..backends
+    })
+}
+
+/// `backends` with the SQLite file at `path` in place of the memory job store and, unless
+/// Redis keeps the history, the memory-only history.
+#[cfg(feature = "sqlite")]
+fn with_sqlite(
+    backends: Backends,
+    path: &std::path::Path,
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<Backends, String> {
+    // With Redis, the shared stream is the history every process replays from.
+    let history_limits = config.redis.is_none().then_some(config.history);
+    let opened = sqlite::open_backends(path, config.max_jobs, history_limits)
+        .map_err(|error| error.to_string())?;
+    let streams = match opened.history {
+        Some((history, writer)) => {
+            crate::log::info!("jobs and event history are kept in {}", path.display());
+            let settings = config.stream_settings();
+            StreamIndex::with_history(settings, metrics.clone(), history, Some(Box::new(writer)))
+        }
+        None => {
+            crate::log::info!("jobs are kept in {}", path.display());
+            backends.streams
+        }
+    };
+    Ok(Backends {
+        store: Arc::new(opened.store),
+        streams,
+        database_claim: Some(opened.claim),
+        ..backends
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_setting_the_build_lacks_the_feature_for_is_refused_never_ignored() {
+        let mut config = Config::with_secret("s");
+        assert_eq!(check(&config), Ok(()));
+        config.database_path = Some("/var/lib/artifact-events.db".into());
+        let refused = check(&config).err();
+        assert_eq!(refused.is_none(), cfg!(feature = "sqlite"));
+        if let Some(error) = refused {
+            assert!(error.contains("--features sqlite"), "{error}");
+        }
+        config.database_path = None;
+        config.redis = Some(crate::config::RedisSettings {
+            url: "redis://127.0.0.1:6379".to_owned(),
+            stream_key: "s".to_owned(),
+            max_len: 10,
+            outbox_capacity: 10,
+        });
+        let refused = check(&config).err();
+        assert_eq!(refused.is_none(), cfg!(feature = "redis"));
+        if let Some(error) = refused {
+            assert!(error.contains("--features redis"), "{error}");
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Reading requests: any body the router accepts, JSON bodies within a limit, query strings,
+//! and what hyper's connection leaves in each request's extensions.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Body;
+use hyper::header::CONTENT_LENGTH;
+use hyper::Request;
+use serde_json::Value;
+use tokio::sync::Notify;
+
+use super::error::ApiError;
+
+/// A request body the router can read: hyper's `Incoming` from a connection, or any other
+/// body of bytes (the fuzz checks pass a `Full<Bytes>` in process).
+pub trait RequestBody:
+    Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static
+{
+}
+
+impl<B> RequestBody for B where
+    B: Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static
+{
+}
+
+/// The connection a request arrived on, put in the request's extensions by the listener.
+#[derive(Clone, Debug)]
+pub struct ConnectionInfo {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Notified to close the connection: how a stream whose client stopped reading ends.
+    pub disconnect: Arc<Notify>,
+}
+
+/// Reads a JSON body of at most `limit` bytes: 413 when larger, 400 when not JSON.
+pub async fn read_json(
+    request: Request<impl RequestBody>,
+    limit: usize,
+) -> Result<Value, ApiError> {
+    let declared_length = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    // Refuse a declared oversize body before reading any of it.
+    if declared_length.is_some_and(|length| length > limit as u64) {
+        return Err(ApiError::PayloadTooLarge("body", limit));
+    }
+    let body: Bytes = match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.is::<LengthLimitError>() => {
+            return Err(ApiError::PayloadTooLarge("body", limit))
+        }
+        Err(error) => {
+            return Err(ApiError::BadRequest(format!(
+                "could not read the body: {error}"
+            )))
+        }
+    };
+    serde_json::from_slice(&body)
+        .map_err(|error| ApiError::BadRequest(format!("malformed JSON: {error}")))
+}
+
+/// The decoded value of the query parameter `name`, if present; 400 if it is not valid
+/// percent-encoded UTF-8.
+pub fn query_param<B>(request: &Request<B>, name: &str) -> Result<Option<String>, ApiError> {
+    for (key, value) in query_pairs(request.uri().query().unwrap_or("")) {
+        if key == name {
+            return value.map(Some).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "query parameter `{name}` is not valid percent-encoding"
+                ))
+            });
+        }
+    }
+    Ok(None)
+}
+
+/// The `key=value` pairs of a query string, values decoded (`None` if not valid
+/// percent-encoded UTF-8).
+pub fn query_pairs(query: &str) -> impl Iterator<Item = (&str, Option<String>)> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (key, percent_decode(value))
+        })
+}
+
+/// Decodes `application/x-www-form-urlencoded` text: `+` is a space, `%XX` a byte.
+fn percent_decode(text: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut input = text.bytes();
+    while let Some(byte) = input.next() {
+        match byte {
+            b'+' => bytes.push(b' '),
+            b'%' => {
+                let high = (input.next()? as char).to_digit(16)?;
+                let low = (input.next()? as char).to_digit(16)?;
+                bytes.push((high * 16 + low) as u8);
+            }
+            other => bytes.push(other),
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
