@@ -185,16 +185,22 @@ impl Config {
 
     /// Reads the environment; an unset `JWT_SECRET` gives a random development secret.
     pub fn from_env() -> Result<Self, ConfigError> {
-        let (jwt_secret, development_secret) = match std::env::var("JWT_SECRET") {
-            Ok(secret) if !secret.is_empty() => (secret, false),
+        Self::from_lookup(|variable| std::env::var(variable).ok())
+    }
+
+    /// Reads the settings as `from_env` does, from `lookup` (a variable's name to its value).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let lookup: &dyn Fn(&str) -> Option<String> = &lookup;
+        let (jwt_secret, development_secret) = match lookup("JWT_SECRET") {
+            Some(secret) if !secret.is_empty() => (secret, false),
             _ => (crate::random::hex_token(32), true),
         };
         let mut config = Config::with_secret(jwt_secret);
         config.development_secret = development_secret;
-        if let Some(addr) = env_parse::<SocketAddr>("ADDR")? {
+        if let Some(addr) = env_parse::<SocketAddr>(lookup, "ADDR")? {
             config.addr = addr;
         }
-        if let Some(name) = env_value("JWT_ALGORITHM") {
+        if let Some(name) = env_value(lookup, "JWT_ALGORITHM") {
             config.jwt_algorithm = match name.as_str() {
                 "HS256" => Algorithm::HS256,
                 "HS384" => Algorithm::HS384,
@@ -202,79 +208,79 @@ impl Config {
                 _ => return Err(invalid("JWT_ALGORITHM", "expected HS256, HS384 or HS512")),
             };
         }
-        if let Some(secs) = env_positive("SSE_KEEPALIVE_SECS")? {
+        if let Some(secs) = env_positive(lookup, "SSE_KEEPALIVE_SECS")? {
             config.keepalive = Duration::from_secs(secs as u64);
         }
-        if let Some(capacity) = env_positive("SSE_QUEUE_CAPACITY")? {
+        if let Some(capacity) = env_positive(lookup, "SSE_QUEUE_CAPACITY")? {
             config.stream_queue_capacity = capacity;
         }
-        if let Some(max) = env_positive("MAX_STREAMS_PER_USER")? {
+        if let Some(max) = env_positive(lookup, "MAX_STREAMS_PER_USER")? {
             config.max_streams_per_user = max;
         }
-        if let Some(max) = env_positive("MAX_CONNECTIONS")? {
+        if let Some(max) = env_positive(lookup, "MAX_CONNECTIONS")? {
             config.max_connections = max;
         }
-        if let Some(millis) = env_parse::<u64>("SSE_RETRY_MS")? {
+        if let Some(millis) = env_parse::<u64>(lookup, "SSE_RETRY_MS")? {
             config.reconnect_delay = Duration::from_millis(millis);
         }
-        if let Some(events) = env_positive("SSE_HISTORY_EVENTS")? {
+        if let Some(events) = env_positive(lookup, "SSE_HISTORY_EVENTS")? {
             config.history.events_per_user = events;
         }
-        if let Some(secs) = env_positive("SSE_HISTORY_SECS")? {
+        if let Some(secs) = env_positive(lookup, "SSE_HISTORY_SECS")? {
             config.history.max_age = Duration::from_secs(secs as u64);
         }
-        if let Some(events) = env_positive("SSE_HISTORY_TOTAL_EVENTS")? {
+        if let Some(events) = env_positive(lookup, "SSE_HISTORY_TOTAL_EVENTS")? {
             config.history.total_events = events;
         }
-        if let Some(bytes) = env_positive("SSE_HISTORY_MAX_BYTES")? {
+        if let Some(bytes) = env_positive(lookup, "SSE_HISTORY_MAX_BYTES")? {
             config.history.total_bytes = bytes;
         }
-        if let Some(origins) = env_value("CORS_ALLOW_ORIGINS") {
+        if let Some(origins) = env_value(lookup, "CORS_ALLOW_ORIGINS") {
             config.cors_allow_origins = origins
                 .split(',')
                 .map(|origin| origin.trim().trim_end_matches('/').to_owned())
                 .filter(|origin| !origin.is_empty())
                 .collect();
         }
-        if let Some(secs) = env_positive("HEADER_READ_TIMEOUT_SECS")? {
+        if let Some(secs) = env_positive(lookup, "HEADER_READ_TIMEOUT_SECS")? {
             config.header_read_timeout = Duration::from_secs(secs as u64);
         }
-        if let Some(secs) = env_parse::<u64>("SHUTDOWN_GRACE_SECS")? {
+        if let Some(secs) = env_parse::<u64>(lookup, "SHUTDOWN_GRACE_SECS")? {
             config.shutdown_grace = Duration::from_secs(secs);
         }
-        if let Some(level) = env_value("LOG_LEVEL") {
+        if let Some(level) = env_value(lookup, "LOG_LEVEL") {
             config.log_level = Level::parse(&level)
                 .ok_or_else(|| invalid("LOG_LEVEL", "expected error, warn, info or debug"))?;
         }
-        if let Some(workers) = env_positive("WORKERS")? {
+        if let Some(workers) = env_positive(lookup, "WORKERS")? {
             config.workers = workers;
         }
-        if let Some(retries) = env_parse::<u32>("MAX_RETRIES")? {
+        if let Some(retries) = env_parse::<u32>(lookup, "MAX_RETRIES")? {
             config.max_retries = retries;
         }
-        if let Some(secs) = env_positive("JOB_TIMEOUT_SECS")? {
+        if let Some(secs) = env_positive(lookup, "JOB_TIMEOUT_SECS")? {
             config.job_timeout = Duration::from_secs(secs as u64);
         }
-        if let Some(millis) = env_parse::<u64>("RETRY_BACKOFF_MS")? {
+        if let Some(millis) = env_parse::<u64>(lookup, "RETRY_BACKOFF_MS")? {
             config.retry_backoff = Duration::from_millis(millis);
         }
-        if let Some(max) = env_positive("MAX_JOBS")? {
+        if let Some(max) = env_positive(lookup, "MAX_JOBS")? {
             config.max_jobs = max;
         }
-        if let Some(path) = env_value("DATABASE_PATH") {
+        if let Some(path) = env_value(lookup, "DATABASE_PATH") {
             config.database_path = Some(PathBuf::from(path));
         }
-        if let Some(millis) = env_parse::<u64>("GENERATOR_DELAY_MS")? {
+        if let Some(millis) = env_parse::<u64>(lookup, "GENERATOR_DELAY_MS")? {
             config.generator_delay = Duration::from_millis(millis);
         }
-        if let Some(url) = env_value("REDIS_URL") {
+        if let Some(url) = env_value(lookup, "REDIS_URL") {
             config.redis = Some(RedisSettings {
                 url,
-                stream_key: env_value("REDIS_STREAM")
+                stream_key: env_value(lookup, "REDIS_STREAM")
                     .unwrap_or_else(|| DEFAULT_REDIS_STREAM.into()),
-                max_len: env_positive("REDIS_STREAM_MAX_LEN")?
+                max_len: env_positive(lookup, "REDIS_STREAM_MAX_LEN")?
                     .unwrap_or(DEFAULT_REDIS_STREAM_MAX_LEN),
-                outbox_capacity: env_positive("REDIS_OUTBOX_CAPACITY")?
+                outbox_capacity: env_positive(lookup, "REDIS_OUTBOX_CAPACITY")?
                     .unwrap_or(DEFAULT_REDIS_OUTBOX_CAPACITY),
             });
         }
@@ -324,17 +330,18 @@ fn open_file_limit() -> Option<usize> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
-fn env_value(variable: &str) -> Option<String> {
-    std::env::var(variable)
-        .ok()
-        .filter(|value| !value.is_empty())
+fn env_value(lookup: &dyn Fn(&str) -> Option<String>, variable: &str) -> Option<String> {
+    lookup(variable).filter(|value| !value.is_empty())
 }
 
-fn env_parse<T: FromStr>(variable: &'static str) -> Result<Option<T>, ConfigError>
+fn env_parse<T: FromStr>(
+    lookup: &dyn Fn(&str) -> Option<String>,
+    variable: &'static str,
+) -> Result<Option<T>, ConfigError>
 where
     T::Err: fmt::Display,
 {
-    env_value(variable)
+    env_value(lookup, variable)
         .map(|value| {
             value
                 .trim()
@@ -344,8 +351,11 @@ where
         .transpose()
 }
 
-fn env_positive(variable: &'static str) -> Result<Option<usize>, ConfigError> {
-    match env_parse::<usize>(variable)? {
+fn env_positive(
+    lookup: &dyn Fn(&str) -> Option<String>,
+    variable: &'static str,
+) -> Result<Option<usize>, ConfigError> {
+    match env_parse::<usize>(lookup, variable)? {
         Some(0) => Err(invalid(variable, "must be at least 1")),
         value => Ok(value),
     }
@@ -360,6 +370,8 @@ fn invalid(variable: &'static str, problem: impl fmt::Display) -> ConfigError {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     #[test]
@@ -370,5 +382,27 @@ mod tests {
         assert_eq!(config.connection_limit(), files - RESERVED_FILE_DESCRIPTORS);
         config.max_connections = 10;
         assert_eq!(config.connection_limit(), 10);
+    }
+
+    #[test]
+    fn settings_come_from_the_lookup_and_bad_values_name_their_variable() {
+        let settings = HashMap::from([
+            ("DATABASE_PATH", "/var/lib/artifact-events.db"),
+            ("WORKERS", "3"),
+            ("SSE_KEEPALIVE_SECS", "soon"),
+        ]);
+        let lookup = |variable: &str| settings.get(variable).map(|value| value.to_string());
+        let error = Config::from_lookup(lookup).unwrap_err();
+        assert_eq!(error.variable, "SSE_KEEPALIVE_SECS");
+
+        let settings = HashMap::from([
+            ("DATABASE_PATH", "/var/lib/artifact-events.db"),
+            ("WORKERS", "3"),
+        ]);
+        let lookup = |variable: &str| settings.get(variable).map(|value| value.to_string());
+        let config = Config::from_lookup(lookup).unwrap();
+        let path = config.database_path.unwrap();
+        assert_eq!(path, PathBuf::from("/var/lib/artifact-events.db"));
+        assert_eq!(config.workers, 3);
     }
 }

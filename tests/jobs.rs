@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use artifact_events::config::Config;
 use artifact_events::jobs::{
     generator::{BoxFuture, GenerationError},
     ArtifactGenerator, GenerationRequest, JobStatus, OfflineGenerator,
@@ -57,6 +58,18 @@ async fn get_job(server: &TestServer, token: &str, job_id: &str) -> Value {
     reply.json()
 }
 
+/// Starts a server whose jobs use `generator`, and opens alice's event stream: returns the
+/// server, alice's token and her stream, past its connected frame.
+async fn start_with_alice_listening(
+    settings: Config,
+    generator: impl ArtifactGenerator + 'static,
+) -> (TestServer, String, SseClient) {
+    let server = TestServer::start_with_generator(settings, Arc::new(generator)).await;
+    let token = server.token("alice");
+    let client = SseClient::connected(server.addr, &token).await;
+    (server, token, client)
+}
+
 /// The next event that ends a job (completed: `result`; failed: `error`; cancelled: `status`).
 async fn next_terminal_event(client: &mut SseClient) -> Value {
     loop {
@@ -81,9 +94,7 @@ fn keys(value: &Value) -> Vec<&str> {
 
 #[tokio::test]
 async fn every_artifact_type_completes_with_progress_then_the_seeds_payload() {
-    let server = TestServer::start(config()).await;
-    let token = server.token("alice");
-    let mut client = SseClient::connected(server.addr, &token).await;
+    let (server, token, mut client) = start_with_alice_listening(config(), OfflineGenerator).await;
 
     for (artifact_type, content, options) in [
         ("quiz", PHOTOSYNTHESIS, json!({"num_questions": 5})),
@@ -186,9 +197,7 @@ async fn every_artifact_type_completes_with_progress_then_the_seeds_payload() {
 
 #[tokio::test]
 async fn a_bare_instruction_fails_after_one_retry_with_an_actionable_error() {
-    let server = TestServer::start(config()).await;
-    let token = server.token("alice");
-    let mut client = SseClient::connected(server.addr, &token).await;
+    let (server, token, mut client) = start_with_alice_listening(config(), OfflineGenerator).await;
 
     // The seed's literal request: an instruction, no source material.
     let body =
@@ -345,7 +354,7 @@ impl ArtifactGenerator for ScriptedGenerator {
     }
 }
 
-fn scripted_config() -> artifact_events::config::Config {
+fn scripted_config() -> Config {
     let mut settings = config();
     settings.workers = 1;
     settings.retry_backoff = Duration::from_millis(10);
@@ -355,11 +364,8 @@ fn scripted_config() -> artifact_events::config::Config {
 
 #[tokio::test]
 async fn generator_errors_panics_and_timeouts_fail_attempts_and_the_worker_survives() {
-    let server =
-        TestServer::start_with_generator(scripted_config(), Arc::new(ScriptedGenerator::default()))
-            .await;
-    let token = server.token("alice");
-    let mut client = SseClient::connected(server.addr, &token).await;
+    let (server, token, mut client) =
+        start_with_alice_listening(scripted_config(), ScriptedGenerator::default()).await;
 
     for (content, expected) in [
         ("panic:", "the generator panicked: scripted generator panic"),
@@ -393,11 +399,8 @@ async fn generator_errors_panics_and_timeouts_fail_attempts_and_the_worker_survi
 
 #[tokio::test]
 async fn a_failed_first_attempt_is_retried_and_can_still_complete() {
-    let server =
-        TestServer::start_with_generator(scripted_config(), Arc::new(ScriptedGenerator::default()))
-            .await;
-    let token = server.token("alice");
-    let mut client = SseClient::connected(server.addr, &token).await;
+    let (server, token, mut client) =
+        start_with_alice_listening(scripted_config(), ScriptedGenerator::default()).await;
 
     let job_id = submit(
         &server,
@@ -423,10 +426,8 @@ async fn a_failed_first_attempt_is_retried_and_can_still_complete() {
 async fn queued_and_running_jobs_can_be_cancelled_finished_ones_cannot() {
     let mut settings = scripted_config();
     settings.job_timeout = Duration::from_secs(60);
-    let server =
-        TestServer::start_with_generator(settings, Arc::new(ScriptedGenerator::default())).await;
-    let token = server.token("alice");
-    let mut client = SseClient::connected(server.addr, &token).await;
+    let (server, token, mut client) =
+        start_with_alice_listening(settings, ScriptedGenerator::default()).await;
     let cancel = |job_id: &str| {
         request(
             "POST",
@@ -499,11 +500,8 @@ async fn queued_and_running_jobs_can_be_cancelled_finished_ones_cannot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_of_a_job_is_published_after_its_cancelled_event() {
-    let server =
-        TestServer::start_with_generator(scripted_config(), Arc::new(ScriptedGenerator::default()))
-            .await;
-    let token = server.token("alice");
-    let mut client = SseClient::connected(server.addr, &token).await;
+    let (server, token, mut client) =
+        start_with_alice_listening(scripted_config(), ScriptedGenerator::default()).await;
     let job = submit(
         &server,
         &token,
@@ -672,9 +670,7 @@ async fn every_invalid_generate_request_is_refused_naming_the_field() {
 
 #[tokio::test]
 async fn jobs_are_listed_newest_first_and_filtered() {
-    let server = TestServer::start(config()).await;
-    let token = server.token("alice");
-    let mut client = SseClient::connected(server.addr, &token).await;
+    let (server, token, mut client) = start_with_alice_listening(config(), OfflineGenerator).await;
     let mut ids = Vec::new();
     for (notebook, content) in [
         ("a", PHOTOSYNTHESIS),
@@ -798,11 +794,8 @@ async fn a_burst_of_200_jobs_across_20_users_ends_each_in_one_terminal_event_to_
 
 #[tokio::test]
 async fn shutdown_lets_the_running_job_finish_and_announce_itself_and_leaves_queued_ones_queued() {
-    let server =
-        TestServer::start_with_generator(scripted_config(), Arc::new(ScriptedGenerator::default()))
-            .await;
-    let token = server.token("alice");
-    let mut client = SseClient::connected(server.addr, &token).await;
+    let (server, token, mut client) =
+        start_with_alice_listening(scripted_config(), ScriptedGenerator::default()).await;
     let running = submit(
         &server,
         &token,

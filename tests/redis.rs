@@ -155,15 +155,24 @@ async fn read_events(client: &mut SseClient, count: usize) -> Vec<(String, u64)>
     events
 }
 
-/// Asserts nothing more arrives for a moment (a duplicate would).
-async fn assert_quiet(client: &mut SseClient) {
-    match client.next_frame_within(Duration::from_millis(300)).await {
-        Err(()) => {}
-        Ok(frame) => assert!(
-            frame.as_deref().is_some_and(|frame| frame.starts_with(':')),
-            "unexpected frame: {frame:?}"
-        ),
+/// Publishes event `n` for `user` through `via` as a sentinel and asserts that it is the next
+/// event on each of `clients` (all `user`'s); returns the id each gave it. Published while Redis
+/// is reachable, its entry follows every earlier one in the stream, so a duplicate of anything
+/// before it (read back, or appended again from an outbox) would arrive first.
+async fn assert_sentinel_comes_next(
+    via: SocketAddr,
+    user: &str,
+    n: u64,
+    clients: &mut [&mut SseClient],
+) -> Vec<String> {
+    publish(via, user, n).await;
+    let mut ids = Vec::new();
+    for client in clients {
+        let (id, next) = read_events(client, 1).await.remove(0);
+        assert_eq!(next, n, "event {next} arrived before the sentinel {n}");
+        ids.push(id);
     }
+    ids
 }
 
 #[tokio::test]
@@ -193,9 +202,8 @@ async fn a_client_on_one_process_gets_what_another_published_once_in_order_with_
         bob.iter().map(|e| e.1).collect::<Vec<_>>(),
         (0..40).filter(|n| n % 4 == 3).collect::<Vec<_>>()
     );
-    assert_quiet(&mut alice_on_a).await;
-    assert_quiet(&mut alice_on_b).await;
-    assert_quiet(&mut bob_on_b).await;
+    assert_sentinel_comes_next(a.addr, "alice", 40, &mut [&mut alice_on_a, &mut alice_on_b]).await;
+    assert_sentinel_comes_next(b.addr, "bob", 41, &mut [&mut bob_on_b]).await;
 }
 
 #[tokio::test]
@@ -218,6 +226,7 @@ async fn a_client_resumes_on_another_process_with_last_event_id() {
 
     // To the other process, and to one started after all of it (which learns from Redis).
     let c = start_process(&url, &stream, &[]);
+    let mut resumed_clients = Vec::new();
     for addr in [b.addr, c.addr] {
         let path = "/ai/artifact/events/stream";
         let mut request = common::request("GET", path, Some(&token), "");
@@ -233,8 +242,10 @@ async fn a_client_resumes_on_another_process_with_last_event_id() {
             "exactly the missed events, without replay_incomplete"
         );
         assert!(replayed.iter().all(|(id, _)| *id > last_id));
-        assert_quiet(&mut resumed).await;
+        resumed_clients.push(resumed);
     }
+    let mut resumed: Vec<&mut SseClient> = resumed_clients.iter_mut().collect();
+    assert_sentinel_comes_next(a.addr, "alice", 10, &mut resumed).await;
 }
 
 #[tokio::test]
@@ -261,16 +272,17 @@ async fn in_process_subscribers_on_every_process_see_each_event_once() {
         );
     }
     publish(servers[1].addr, "u", 10).await;
+    // A sentinel: its entry follows the others in the stream, so a duplicate of any of them
+    // would reach the handlers before it.
+    publish(servers[1].addr, "u", 11).await;
     for events in &mut received {
-        for n in 0..=10 {
+        for n in 0..=11 {
             let event = tokio::time::timeout(PATIENCE, events.recv())
                 .await
                 .unwrap()
                 .unwrap();
-            assert_eq!(event["n"], n);
+            assert_eq!(event["n"], n, "an event arrived twice or out of order");
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(events.try_recv().is_err(), "an event arrived twice");
     }
 }
 
@@ -311,13 +323,11 @@ async fn a_redis_restart_during_a_publishing_run_loses_and_duplicates_nothing() 
                 .collect();
             assert!(own.windows(2).all(|w| w[0] < w[1]), "{name}: {own:?}");
         }
-        assert_quiet(client).await;
     }
     // Events published after the recovery are shared again under Redis ids.
-    publish(a.addr, "alice", EVENTS).await;
-    let after_a = read_events(&mut on_a, 1).await;
-    let after_b = read_events(&mut on_b, 1).await;
-    assert_eq!(after_a, after_b);
+    let after =
+        assert_sentinel_comes_next(a.addr, "alice", EVENTS, &mut [&mut on_a, &mut on_b]).await;
+    assert_eq!(after[0], after[1]);
     let metrics = common::send(a.addr, common::request("GET", "/metrics", None, "")).await;
     let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
     for line in [
@@ -475,8 +485,7 @@ async fn an_outage_of_appends_alone_ends_when_redis_takes_them_again() {
         read_events(&mut on_b, 1).await,
         "shared ids again"
     );
-    assert_quiet(&mut on_a).await;
-    assert_quiet(&mut on_b).await;
+    assert_sentinel_comes_next(a.addr, "alice", 2, &mut [&mut on_a, &mut on_b]).await;
     let logs = a.log_lines().join("\n");
     assert!(logs.contains("OOM"), "the refusal is logged: {logs}");
 }
@@ -640,6 +649,5 @@ async fn an_append_whose_reply_was_lost_is_delivered_once_everywhere() {
     publish(a.addr, "alice", 1).await;
     let after_a = read_events(&mut on_a, 1).await;
     assert_eq!(after_a, read_events(&mut on_b, 1).await, "shared ids again");
-    assert_quiet(&mut on_a).await;
-    assert_quiet(&mut on_b).await;
+    assert_sentinel_comes_next(a.addr, "alice", 2, &mut [&mut on_a, &mut on_b]).await;
 }

@@ -342,6 +342,8 @@ pub struct RunningServer {
     pub child: std::process::Child,
     pub addr: SocketAddr,
     log: std::sync::mpsc::Receiver<String>,
+    /// The thread that forwards stderr to `log`; it ends when stderr closes (the process exited).
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl RunningServer {
@@ -373,12 +375,17 @@ impl RunningServer {
             }
             sender.send(line).unwrap();
         };
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in stderr.lines().map_while(Result::ok) {
                 let _ = sender.send(line);
             }
         });
-        RunningServer { child, addr, log }
+        RunningServer {
+            child,
+            addr,
+            log,
+            reader: Some(reader),
+        }
     }
 
     /// Sends SIGTERM and waits (at most 5 s) for the exit; returns the status and the log.
@@ -399,8 +406,7 @@ impl RunningServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         };
-        std::thread::sleep(Duration::from_millis(50));
-        (exit, self.log.try_iter().collect::<Vec<_>>().join("\n"))
+        (exit, self.rest_of_log())
     }
 
     /// The log lines printed since the last look.
@@ -413,7 +419,15 @@ impl RunningServer {
     pub fn kill(mut self) -> String {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        std::thread::sleep(Duration::from_millis(50));
+        self.rest_of_log()
+    }
+
+    /// After the process exited: waits for the reader to reach the end of stderr, so the log
+    /// is complete, and returns the lines not yet taken.
+    fn rest_of_log(&mut self) -> String {
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("the log reader does not panic");
+        }
         self.log.try_iter().collect::<Vec<_>>().join("\n")
     }
 }
