@@ -9,6 +9,7 @@
 //! - [`metrics`]: counters for `GET /metrics`, in the Prometheus text format.
 //! - [`config`]: settings with named defaults, read from the environment.
 //! - `database` (feature `sqlite`): the SQLite file behind durable jobs and history, its schema.
+//! - [`http_client`]: the one outbound HTTP client: timeouts, a capped body, no redirects.
 //! - [`listen`]: the `listen` command's client, which prints a user's events as they arrive.
 //! - [`log`], [`time`], [`random`]: small utilities that keep the dependency list short.
 //! - `fuzz_checks` (hidden): the fuzz targets' checks, shared with the corpus-replay test.
@@ -19,6 +20,7 @@ pub mod database;
 pub mod events;
 #[doc(hidden)]
 pub mod fuzz_checks;
+pub mod http_client;
 pub mod jobs;
 pub mod listen;
 pub mod log;
