@@ -69,6 +69,7 @@ impl Default for Limits {
 }
 
 /// One request to send; `Host`, `Connection` and the body's framing are the client's to set.
+// No `Debug`: the URL, the headers and the body may all hold secrets.
 pub struct Request {
     /// The method, sent as is.
     pub method: Method,
@@ -129,10 +130,20 @@ pub enum Error {
     InvalidUrl(&'static str),
     /// The URL is `https://`, and this build has no TLS.
     TlsUnavailable,
-    /// The host (as written in the URL) resolves to an address the policy refuses.
-    AddressRefused { host: String, address: IpAddr },
-    /// `HOST:PORT` could not be resolved or connected to within the connect timeout.
-    Connect { server: String, source: io::Error },
+    /// The host resolves to an address the client's address policy refuses.
+    AddressRefused {
+        /// The host as written in the URL.
+        host: String,
+        /// The first refused address.
+        address: IpAddr,
+    },
+    /// The host could not be resolved or connected to within the connect timeout.
+    Connect {
+        /// `HOST:PORT` as written in the URL.
+        server: String,
+        /// The last resolver or socket error, or a `TimedOut` one for the connect timeout.
+        source: io::Error,
+    },
     /// The whole request took longer than this total timeout.
     Timeout(Duration),
     /// The response body is longer than this many bytes.
