@@ -11,6 +11,8 @@
 //! - [`backends`]: what plugs into the core's seams (SQLite, Redis), chosen once at start-up.
 //! - [`metrics`]: counters for `GET /metrics`, in the Prometheus text format.
 //! - [`config`]: settings with named defaults, read from the environment.
+//! - [`http_client`]: the one outbound HTTP client (JWKS, webhooks, model servers): timeouts,
+//!   a capped body, no redirects, an address policy against SSRF.
 //! - [`listen`]: the `listen` command's client, which prints a user's events as they arrive.
 //! - `fuzz_checks` (feature `fuzzing`): the fuzz targets' checks, shared with the corpus replay.
 
@@ -20,6 +22,7 @@ pub mod delivery;
 pub mod events;
 #[cfg(feature = "fuzzing")]
 pub mod fuzz_checks;
+pub mod http_client;
 pub mod jobs;
 pub mod listen;
 pub(crate) mod log;
