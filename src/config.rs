@@ -304,7 +304,6 @@ impl Config {
         StreamSettings {
             queue_capacity: self.stream_queue_capacity,
             max_streams_per_user: self.max_streams_per_user,
-            keepalive: self.keepalive,
             reconnect_delay: self.reconnect_delay,
             history: self.history,
         }

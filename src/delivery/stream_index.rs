@@ -26,8 +26,6 @@ pub struct StreamSettings {
     pub queue_capacity: usize,
     /// Open streams allowed per user.
     pub max_streams_per_user: usize,
-    /// Interval between keepalive comments.
-    pub keepalive: Duration,
     /// The reconnection delay sent to clients in the first frame's `retry:` field.
     pub reconnect_delay: Duration,
     /// What is kept for `Last-Event-ID` replay.
@@ -283,11 +281,6 @@ impl StreamIndex {
         if let Some(sink) = sink {
             sink.finish();
         }
-    }
-
-    /// The interval between keepalive comments.
-    pub fn keepalive_interval(&self) -> Duration {
-        self.settings.keepalive
     }
 
     /// How many streams are open.

@@ -30,7 +30,10 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// stream and waits (at most `config.shutdown_grace`) for connections and running jobs.
 pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
     let workers = state.jobs.start();
-    let keepalives = tokio::spawn(send_keepalives(Arc::downgrade(&state.streams)));
+    let keepalives = tokio::spawn(send_keepalives(
+        Arc::downgrade(&state.streams),
+        state.config.keepalive,
+    ));
     match listener.local_addr() {
         Ok(addr) => log::info!("listening on http://{addr}"),
         Err(error) => log::warning!("listening on an unknown address: {error}"),
@@ -202,14 +205,8 @@ async fn wind_down(
     log::info!("stopped");
 }
 
-/// Every keepalive interval, queues a keepalive on every stream, until the index is gone.
-async fn send_keepalives(streams: Weak<StreamIndex>) {
-    let Some(period) = streams
-        .upgrade()
-        .map(|streams| streams.keepalive_interval())
-    else {
-        return;
-    };
+/// Every `period`, queues a keepalive on every stream, until the index is gone.
+async fn send_keepalives(streams: Weak<StreamIndex>, period: Duration) {
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     // After a stall, one keepalive is enough; a burst of them would be noise.
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
