@@ -16,9 +16,9 @@ use crate::delivery::{EventId, History, HistoryLimits, HistorySink, RecordedEven
 use crate::events::EventType;
 use crate::log;
 
-/// Events waiting for the writer. It inserts thousands per millisecond, so this absorbs a
-/// burst of over a second; beyond it events stay replayable in memory but are not stored,
-/// and the stored history records the gap (see [`HistoryWriter::offer`]).
+/// Events waiting for the writer: sized to absorb a long burst at the writer's speed (which
+/// `benches/sqlite_cost.rs` measures); beyond it events stay replayable in memory but are not
+/// stored, and the stored history records the gap (see [`HistoryWriter::offer`]).
 pub const WRITER_QUEUE_CAPACITY: usize = 65_536;
 
 /// Most events inserted in one transaction: large enough to amortize the commit, small enough

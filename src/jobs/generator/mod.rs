@@ -94,8 +94,8 @@ pub trait ArtifactGenerator: Send + Sync + 'static {
 }
 
 /// Another generator made slower by a fixed delay before each call (`GENERATOR_DELAY_MS`): the
-/// offline generator answers in about a millisecond, an LLM in seconds, and what that latency
-/// does to jobs (progress, cancels, timeouts, restarts mid-job) is worth seeing and testing.
+/// offline generator answers at once, a language model in seconds, and what that latency does
+/// to jobs (progress, cancels, timeouts, restarts mid-job) is worth seeing and testing.
 pub struct DelayedGenerator {
     inner: Arc<dyn ArtifactGenerator>,
     delay: Duration,
