@@ -527,13 +527,8 @@ async fn load_history(
             continue;
         };
         if let Some(user) = data.get("user_id").and_then(serde_json::Value::as_str) {
-            history.record(
-                &Arc::from(user),
-                &event_type,
-                &data.to_string(),
-                Some(id),
-                now,
-            );
+            let user = Arc::from(user);
+            history.record(&user, &event_type, &data.to_string(), Some(id), now, None);
         }
     }
     Ok((history, newest))

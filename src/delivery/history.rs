@@ -198,9 +198,10 @@ impl History {
         self.last_id
     }
 
-    /// Records an event for `user` and returns it with its id and encoded frame. The id is
-    /// `proposed` (one given by another process, say) if that is later than every recorded id,
-    /// else the next one of this history's own: ids only ever increase, and nothing is dropped.
+    /// Records an event for `user`, offers it to `sink`, and returns its encoded frame. The id
+    /// is `proposed` (one given by another process, say) if that is later than every recorded
+    /// id, else the next one of this history's own: ids only ever increase, and nothing is
+    /// dropped.
     pub fn record(
         &mut self,
         user: &Arc<str>,
@@ -208,7 +209,8 @@ impl History {
         data: &str,
         proposed: Option<EventId>,
         now: Instant,
-    ) -> RecordedEvent {
+        sink: Option<&mut (dyn HistorySink + 'static)>,
+    ) -> Bytes {
         let id = proposed
             .filter(|id| *id > self.last_id)
             .unwrap_or_else(|| self.next_id());
@@ -221,10 +223,13 @@ impl History {
         let event = RecordedEvent {
             id,
             event_type: event_type.clone(),
-            frame,
+            frame: frame.clone(),
         };
-        self.insert(user, event.clone(), now);
-        event
+        if let Some(sink) = sink {
+            sink.offer(user, &event);
+        }
+        self.insert(user, event, now);
+        frame
     }
 
     /// Keeps `event` (whose id must be later than [`History::last_id`]) for `user`, then
@@ -358,8 +363,15 @@ mod tests {
 
     /// Records one event for `user` under the history's own numbering; returns its id.
     fn record(history: &mut History, user: &str, now: Instant) -> EventId {
-        let event = history.record(&Arc::from(user), &EventType::COMPLETED, "{}", None, now);
-        event.id
+        history.record(
+            &Arc::from(user),
+            &EventType::COMPLETED,
+            "{}",
+            None,
+            now,
+            None,
+        );
+        history.last_id()
     }
 
     fn seqs(replay: &Replay) -> Vec<u64> {
@@ -450,9 +462,9 @@ mod tests {
         let mut history = History::new(EPOCH, limits());
         let record_id = |history: &mut History, id: EventId| {
             let alice = Arc::from("alice");
-            let event = history.record(&alice, &EventType::COMPLETED, "{}", Some(id), now);
-            assert_eq!(event.id, id, "a later given id is taken as it is");
-            assert_eq!(event.frame, format!("id: {id}\ndata: {{}}\n\n"));
+            let frame = history.record(&alice, &EventType::COMPLETED, "{}", Some(id), now, None);
+            assert_eq!(history.last_id(), id, "a later given id is taken as it is");
+            assert_eq!(frame, format!("id: {id}\ndata: {{}}\n\n"));
         };
         // Redis stream ids: a later millisecond restarts the sequence at 0.
         let first = EventId {
@@ -493,9 +505,9 @@ mod tests {
             epoch: EPOCH + 9,
             seq: 4,
         };
-        history.record(&alice, &EventType::COMPLETED, "{}", Some(given), now);
-        let stale = history.record(&alice, &EventType::COMPLETED, "{}", Some(given), now);
-        assert_eq!(stale.id, EventId { seq: 5, ..given });
+        history.record(&alice, &EventType::COMPLETED, "{}", Some(given), now, None);
+        history.record(&alice, &EventType::COMPLETED, "{}", Some(given), now, None);
+        assert_eq!(history.last_id(), EventId { seq: 5, ..given });
         assert_eq!(history.len(), 2);
     }
 

@@ -220,14 +220,13 @@ impl StreamIndex {
                 None => Arc::from(user_id),
             };
             let proposed = choose(state.history.last_id());
-            let event = state
-                .history
-                .record(&user, event_type, &data, proposed, Instant::now());
-            if let Some(sink) = &mut state.sink {
-                sink.offer(&user, &event);
-            }
+            let sink = state.sink.as_deref_mut();
+            let frame =
+                state
+                    .history
+                    .record(&user, event_type, &data, proposed, Instant::now(), sink);
             if let Some(streams) = state.by_user.get_mut(user_id) {
-                streams.retain(|stream| match stream.frames.push(event.frame.clone()) {
+                streams.retain(|stream| match stream.frames.push(frame.clone()) {
                     Ok(()) => {
                         delivered += 1;
                         true

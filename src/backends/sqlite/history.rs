@@ -459,10 +459,16 @@ mod tests {
         let user: Arc<str> = Arc::from(user);
         let ids = (0..count)
             .map(|_| {
-                let event =
-                    history.record(&user, &EventType::COMPLETED, "{}", None, Instant::now());
-                writer.offer(&user, &event);
-                event.id
+                let now = Instant::now();
+                history.record(
+                    &user,
+                    &EventType::COMPLETED,
+                    "{}",
+                    None,
+                    now,
+                    Some(&mut writer),
+                );
+                history.last_id()
             })
             .collect();
         Box::new(writer).finish();
