@@ -9,7 +9,7 @@ use std::time::Duration;
 use jsonwebtoken::Algorithm;
 
 use crate::delivery::{HistoryLimits, StreamSettings};
-use crate::log::Level;
+use crate::log::{Format as LogFormat, Level};
 
 /// Where the server listens unless `ADDR` or `--addr` says otherwise.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8000";
@@ -97,6 +97,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Log verbosity (`LOG_LEVEL`).
     pub log_level: Level,
+    /// Log line format (`LOG_FORMAT`).
+    pub log_format: LogFormat,
     /// Worker tasks (`WORKERS`).
     pub workers: usize,
     /// Retries after a failed attempt (`MAX_RETRIES`).
@@ -172,6 +174,7 @@ impl Config {
             header_read_timeout: Duration::from_secs(DEFAULT_HEADER_READ_TIMEOUT_SECS),
             shutdown_grace: Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_SECS),
             log_level: Level::Info,
+            log_format: LogFormat::Text,
             workers: DEFAULT_WORKERS,
             max_retries: DEFAULT_MAX_RETRIES,
             job_timeout: Duration::from_secs(DEFAULT_JOB_TIMEOUT_SECS),
@@ -251,6 +254,10 @@ impl Config {
         if let Some(level) = env_value(lookup, "LOG_LEVEL") {
             config.log_level = Level::parse(&level)
                 .ok_or_else(|| invalid("LOG_LEVEL", "expected error, warn, info or debug"))?;
+        }
+        if let Some(format) = env_value(lookup, "LOG_FORMAT") {
+            config.log_format = LogFormat::parse(&format)
+                .ok_or_else(|| invalid("LOG_FORMAT", "expected text or json"))?;
         }
         if let Some(workers) = env_positive(lookup, "WORKERS")? {
             config.workers = workers;

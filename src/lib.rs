@@ -34,4 +34,7 @@ pub mod sse;
 pub(crate) mod time;
 
 pub use events::{get_event_bus, EventBus, EventType, Handler};
-pub use log::{set_level as set_log_level, Level as LogLevel};
+pub use log::{
+    set_format as set_log_format, set_level as set_log_level, Format as LogFormat,
+    Level as LogLevel,
+};

@@ -3,10 +3,11 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use artifact_events::backends;
 use artifact_events::config::Config;
 use artifact_events::listen::{listen, ListenError, DEFAULT_URL};
 use artifact_events::server::{self, AppState, Authenticator};
-use artifact_events::{get_event_bus, set_log_level};
+use artifact_events::{get_event_bus, set_log_format, set_log_level};
 
 const USAGE: &str = "\
 artifact-events: realtime artifact job notifications over Server-Sent Events
@@ -19,6 +20,7 @@ USAGE:
                                                    print a user's events as they arrive, each
                                                    event's data on a line
     artifact-events --help                         print this help
+    artifact-events --version                      print the version
 
 FLAGS:
     --addr HOST:PORT   listening address (overrides ADDR)
@@ -45,6 +47,7 @@ ENVIRONMENT:
     HEADER_READ_TIMEOUT_SECS   time allowed for a request head       [10]
     SHUTDOWN_GRACE_SECS        time shutdown waits for connections   [5]
     LOG_LEVEL                  error, warn, info or debug            [info]
+    LOG_FORMAT                 text, or json (one object per line)   [text]
     WORKERS                    jobs processed at once                [2]
     MAX_RETRIES                retries after a failed attempt        [1]
     RETRY_BACKOFF_MS           pause before a retry                  [250]
@@ -61,21 +64,50 @@ ENVIRONMENT:
 /// Lifetime of tokens printed by `token` and by development mode.
 const DEFAULT_TOKEN_TTL_SECS: u64 = 86_400;
 
+/// Why a command failed, which decides its exit status.
+enum Failure {
+    /// Bad arguments or configuration: exit 2, with a pointer to `--help`.
+    Usage(String),
+    /// The server could not start or stopped working (the port is taken, the database is
+    /// locked, Redis is unreachable): exit 1.
+    Runtime(String),
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure::Usage(message)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(message: &str) -> Self {
+        Failure::Usage(message.to_owned())
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|arg| arg == "--help" || arg == "-h") {
         print!("{USAGE}");
         return ExitCode::SUCCESS;
     }
+    if args.iter().any(|arg| arg == "--version" || arg == "-V") {
+        println!("artifact-events {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
     let result = match args.first().map(String::as_str) {
-        Some("token") => print_token(&args[1..]),
+        Some("token") => print_token(&args[1..]).map_err(Failure::Usage),
         Some("listen") => return listen_command(&args[1..]),
         Some("serve") => serve(&args[1..]),
         _ => serve(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => usage_error(&message),
+        Err(Failure::Usage(message)) => usage_error(&message),
+        Err(Failure::Runtime(message)) => {
+            eprintln!("artifact-events: {message}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -129,7 +161,7 @@ fn listen_arguments(args: &[String]) -> Result<(String, String), String> {
     Ok((url, token))
 }
 
-fn serve(args: &[String]) -> Result<(), String> {
+fn serve(args: &[String]) -> Result<(), Failure> {
     let mut config = Config::from_env().map_err(|error| error.to_string())?;
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -140,23 +172,33 @@ fn serve(args: &[String]) -> Result<(), String> {
                     .parse()
                     .map_err(|error| format!("--addr {value}: {error}"))?;
             }
-            other => return Err(format!("unknown argument {other:?}")),
+            other => return Err(format!("unknown argument {other:?}").into()),
         }
     }
+    backends::check(&config)?;
     set_log_level(config.log_level);
-    let runtime = tokio::runtime::Runtime::new().map_err(|error| error.to_string())?;
+    set_log_format(config.log_format);
+    let runtime = tokio::runtime::Runtime::new().map_err(runtime_failure)?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.addr)
             .await
-            .map_err(|error| format!("cannot listen on {}: {error}", config.addr))?;
-        let addr = listener.local_addr().map_err(|error| error.to_string())?;
-        let state = AppState::open(config, get_event_bus()).await?;
+            .map_err(|error| {
+                Failure::Runtime(format!("cannot listen on {}: {error}", config.addr))
+            })?;
+        let addr = listener.local_addr().map_err(runtime_failure)?;
+        let state = AppState::open(config, get_event_bus())
+            .await
+            .map_err(Failure::Runtime)?;
         if state.config.development_secret {
             print_development_banner(&state.config, addr);
         }
         server::run(listener, state, server::shutdown_signal()).await;
         Ok(())
     })
+}
+
+fn runtime_failure(error: std::io::Error) -> Failure {
+    Failure::Runtime(error.to_string())
 }
 
 fn print_token(args: &[String]) -> Result<(), String> {

@@ -81,6 +81,11 @@ impl Metrics {
         self.redis_outbox.store(outbox as u64, Ordering::Relaxed);
     }
 
+    /// Whether events cross processes through Redis and Redis is unreachable now.
+    pub fn redis_outage(&self) -> bool {
+        self.redis_in_use.load(Ordering::Relaxed) && !self.redis_reachable.load(Ordering::Relaxed)
+    }
+
     /// Streams closed so far because their clients stopped reading.
     pub fn slow_consumer_disconnects(&self) -> u64 {
         self.slow_consumer_disconnects.load(Ordering::Relaxed)

@@ -42,12 +42,30 @@ fn token_without_a_secret_is_refused_with_a_reason() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("JWT_SECRET is not set"));
 }
 
+/// The variables of the README's configuration table, in its order.
+fn readme_settings() -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let table = readme
+        .split("## Configuration")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("the README has a Configuration section");
+    let names: Vec<String> = table
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `")?.split_once('`'))
+        .map(|(name, _)| name.to_owned())
+        .collect();
+    assert!(names.len() > 20, "the table was read: {names:?}");
+    names
+}
+
 #[test]
 fn help_lists_every_flag_and_environment_variable() {
     let output = Command::new(BINARY).arg("--help").output().unwrap();
     assert!(output.status.success());
     let help = String::from_utf8(output.stdout).unwrap();
-    for name in [
+    let flags = [
         "listen",
         "--addr",
         "--publisher",
@@ -55,31 +73,71 @@ fn help_lists_every_flag_and_environment_variable() {
         "--url",
         "--token",
         "--user",
-        "ADDR",
-        "JWT_SECRET",
-        "JWT_ALGORITHM",
-        "SSE_KEEPALIVE_SECS",
-        "SSE_QUEUE_CAPACITY",
-        "SSE_RETRY_MS",
-        "SSE_HISTORY_EVENTS",
-        "SSE_HISTORY_SECS",
-        "SSE_HISTORY_TOTAL_EVENTS",
-        "SSE_HISTORY_MAX_BYTES",
-        "CORS_ALLOW_ORIGINS",
-        "MAX_STREAMS_PER_USER",
-        "MAX_CONNECTIONS",
-        "HEADER_READ_TIMEOUT_SECS",
-        "SHUTDOWN_GRACE_SECS",
-        "LOG_LEVEL",
-        "WORKERS",
-        "MAX_RETRIES",
-        "RETRY_BACKOFF_MS",
-        "JOB_TIMEOUT_SECS",
-        "MAX_JOBS",
-        "DATABASE_PATH",
-        "GENERATOR_DELAY_MS",
-    ] {
-        assert!(help.contains(name), "--help does not mention {name}");
+        "--version",
+    ];
+    for name in flags
+        .map(str::to_owned)
+        .into_iter()
+        .chain(readme_settings())
+    {
+        assert!(help.contains(&name), "--help does not mention {name}");
+    }
+}
+
+#[test]
+fn the_env_example_lists_exactly_the_readmes_settings() {
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.env.example")).unwrap();
+    let listed: Vec<String> = example
+        .lines()
+        .filter_map(|line| line.strip_prefix("# ")?.split_once('='))
+        .map(|(name, _)| name.to_owned())
+        .collect();
+    assert_eq!(listed, readme_settings());
+}
+
+#[test]
+fn version_prints_the_crates_version() {
+    let output = Command::new(BINARY).arg("--version").output().unwrap();
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8(output.stdout).unwrap(),
+        format!("artifact-events {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn a_port_in_use_is_a_runtime_failure_not_a_usage_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let output = Command::new(BINARY)
+        .args(["--addr", &addr])
+        .env("JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("--help"), "{stderr}");
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let server = RunningServer::start(&[("LOG_FORMAT", "json")]);
+    let (exit, log) = server.terminate();
+    assert!(exit.success(), "{exit:?}");
+    let lines: Vec<&str> = log.lines().filter(|line| !line.trim().is_empty()).collect();
+    assert!(lines.len() >= 2, "{log}");
+    for line in lines {
+        let object: serde_json::Value = serde_json::from_str(line).expect(line);
+        assert!(
+            object["ts"].is_string() && object["msg"].is_string(),
+            "{line}"
+        );
+        assert!(["error", "warn", "info", "debug"].contains(&object["level"].as_str().unwrap()));
     }
 }
 

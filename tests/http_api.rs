@@ -349,6 +349,7 @@ async fn unknown_paths_get_404_and_wrong_methods_get_405_with_allow() {
     }
     for (method, path, allow) in [
         ("POST", "/healthz", "GET"),
+        ("POST", "/readyz", "GET"),
         ("DELETE", STREAM, "GET"),
         ("POST", STREAM, "GET"),
         ("GET", PUBLISH, "POST"),
@@ -360,6 +361,24 @@ async fn unknown_paths_get_404_and_wrong_methods_get_405_with_allow() {
     let health = send(server.addr, request("GET", "/healthz", None, "")).await;
     assert_eq!(health.status, StatusCode::OK);
     assert_eq!(health.json(), json!({"status": "ok"}));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn readiness_ends_when_shutdown_begins_while_liveness_stays() {
+    let server = TestServer::start(config()).await;
+    let ready = send(server.addr, request("GET", "/readyz", None, "")).await;
+    assert_eq!(ready.status, StatusCode::OK);
+    assert_eq!(ready.json(), json!({"status": "ready"}));
+    server.state.start_draining();
+    let draining = send(server.addr, request("GET", "/readyz", None, "")).await;
+    assert_eq!(
+        draining.expect_error(StatusCode::SERVICE_UNAVAILABLE),
+        "the server is shutting down"
+    );
+    assert!(draining.headers.contains_key("retry-after"));
+    let health = send(server.addr, request("GET", "/healthz", None, "")).await;
+    assert_eq!(health.status, StatusCode::OK);
     server.stop().await;
 }
 

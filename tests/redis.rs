@@ -300,6 +300,9 @@ async fn a_redis_restart_during_a_publishing_run_loses_and_duplicates_nothing() 
             redis.stop();
         }
         if n == 80 {
+            let unready = common::send(a.addr, common::request("GET", "/readyz", None, "")).await;
+            assert_eq!(unready.status, 503, "not ready while Redis is down");
+            assert!(String::from_utf8_lossy(&unready.body).contains("Redis is unreachable"));
             redis.restart();
         }
         publish(if n % 2 == 0 { a.addr } else { b.addr }, "alice", n).await;
@@ -340,6 +343,8 @@ async fn a_redis_restart_during_a_publishing_run_loses_and_duplicates_nothing() 
             "{line} not in {metrics}"
         );
     }
+    let ready = common::send(a.addr, common::request("GET", "/readyz", None, "")).await;
+    assert_eq!(ready.status, 200, "ready again once Redis is back");
     let logs = a.log_lines().join("\n");
     assert!(logs.contains("cannot use Redis"), "{logs}");
     assert!(logs.contains("is back"), "{logs}");

@@ -34,6 +34,8 @@ pub enum ApiError {
     Unavailable(&'static str),
     /// 503: an event reached this process but not the others (Redis is unreachable).
     NotRelayed(String),
+    /// 503: the server cannot take work now (`/readyz`); the text says why.
+    NotReady(String),
     /// 500: a bug; details are in the server log, not the response.
     Internal,
 }
@@ -51,7 +53,9 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable(_) | ApiError::NotRelayed(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::NotRelayed(_) | ApiError::NotReady(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -62,7 +66,8 @@ impl ApiError {
             ApiError::BadRequest(text)
             | ApiError::Unprocessable(text)
             | ApiError::Conflict(text)
-            | ApiError::NotRelayed(text) => text.clone(),
+            | ApiError::NotRelayed(text)
+            | ApiError::NotReady(text) => text.clone(),
             ApiError::Unauthorized(text) | ApiError::Forbidden(text) => (*text).to_owned(),
             ApiError::Unavailable(text) => (*text).to_owned(),
             ApiError::NotFound => "not found".to_owned(),
@@ -100,7 +105,10 @@ impl ApiError {
             ApiError::MethodNotAllowed(allow) => {
                 headers.insert(ALLOW, HeaderValue::from_static(allow));
             }
-            ApiError::Unavailable(_) | ApiError::NotRelayed(_) | ApiError::TooManyStreams(_) => {
+            ApiError::Unavailable(_)
+            | ApiError::NotRelayed(_)
+            | ApiError::NotReady(_)
+            | ApiError::TooManyStreams(_) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("5"));
             }
             _ => {}

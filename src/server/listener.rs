@@ -43,6 +43,7 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         () = server.run() => {}
         () = shutdown => {}
     }
+    state.start_draining();
     // Dropping the listener stops accepting; the connections go on until wound down.
     let Listener { graceful, .. } = server;
     wind_down(&state, workers, keepalives, graceful).await;

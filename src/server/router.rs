@@ -77,6 +77,8 @@ async fn route(
             Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
         }
         ["healthz"] => Err(ApiError::MethodNotAllowed("GET")),
+        ["readyz"] if method == Method::GET => ready(&state),
+        ["readyz"] => Err(ApiError::MethodNotAllowed("GET")),
         ["metrics"] if method == Method::GET => metrics(&state),
         ["metrics"] => Err(ApiError::MethodNotAllowed("GET")),
         ["ai", "artifact", "events", "stream"] if method == Method::GET => {
@@ -104,6 +106,15 @@ async fn route(
         }
         ["ai", "artifact", "jobs", _, "cancel"] => Err(ApiError::MethodNotAllowed("POST")),
         _ => Err(ApiError::NotFound),
+    }
+}
+
+/// `GET /readyz`: 200 while the server can take work; 503 while it is shutting down, Redis is
+/// in an outage or the job store fails (`/healthz` stays a liveness check).
+fn ready(state: &AppState) -> Result<Response<ResponseBody>, ApiError> {
+    match state.unready_reason() {
+        None => Ok(json_response(StatusCode::OK, &json!({"status": "ready"}))),
+        Some(reason) => Err(ApiError::NotReady(reason)),
     }
 }
 

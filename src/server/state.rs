@@ -1,5 +1,6 @@
 //! What every request handler can reach, built once at start-up.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::backends::{self, Backends};
@@ -25,6 +26,8 @@ pub struct AppState {
     pub jobs: Arc<ArtifactWorker>,
     /// Counters for `GET /metrics`.
     pub metrics: Arc<Metrics>,
+    /// Set when shutdown begins: the server still finishes what it has, but is not ready.
+    draining: AtomicBool,
     /// The index's bus subscription (none when a relay feeds it), removed on drop.
     bus_subscription: Option<Handler>,
     /// Keeps other servers off the database file while this state lives.
@@ -88,9 +91,31 @@ impl AppState {
             auth,
             jobs,
             metrics,
+            draining: AtomicBool::new(false),
             bus_subscription: backends.bus_subscription,
             _database_claim: backends.database_claim,
         })
+    }
+}
+
+impl AppState {
+    /// Marks the server as shutting down, for `/readyz`.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Why the server cannot take work now, if it cannot: shutting down, Redis in an outage,
+    /// or the job store failing.
+    pub fn unready_reason(&self) -> Option<String> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Some("the server is shutting down".to_owned());
+        }
+        if self.metrics.redis_outage() {
+            return Some("Redis is unreachable".to_owned());
+        }
+        let error = self.jobs.store().count_by_status().err()?;
+        log::error!("readiness: the job store is failing: {error}");
+        Some("the job store is failing".to_owned())
     }
 }
 

@@ -370,8 +370,9 @@ impl RunningServer {
                 "server exited before listening"
             );
             let line = line.trim_end().to_owned();
-            if let Some(addr) = line.split("listening on http://").nth(1) {
-                break addr.parse().unwrap();
+            // The address ends the text line; in a JSON line, a quote ends it.
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                break rest.split('"').next().unwrap().parse().unwrap();
             }
             sender.send(line).unwrap();
         };
