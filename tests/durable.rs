@@ -291,7 +291,7 @@ fn a_second_server_on_the_same_file_refuses_to_start_until_the_first_is_gone() {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert!(!exit.success());
+    assert_eq!(exit.code(), Some(1), "a runtime failure, not a usage error");
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(

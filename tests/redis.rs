@@ -406,9 +406,10 @@ fn a_server_whose_redis_is_unreachable_refuses_to_start_and_says_why() {
         .env("REDIS_URL", format!("redis://127.0.0.1:{port}"))
         .output()
         .unwrap();
-    assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "a runtime failure: {stderr}");
     assert!(stderr.contains("is unreachable"), "{stderr}");
+    assert!(!stderr.contains("--help"), "not a usage error: {stderr}");
 }
 
 #[tokio::test]
