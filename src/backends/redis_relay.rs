@@ -4,9 +4,9 @@
 //!
 //! # Outages
 //!
-//! An outage starts when a read or an append fails, and only [`RedisRelay::recover`] ends it.
+//! An outage starts when a read or an append fails, and only `RedisRelay::recover` ends it.
 //! During an outage, a publish is delivered here at once, under an outage id (see
-//! [`outage_id`]: the process's random tag in the high bits of `seq`, so no other process
+//! `outage_id`: the process's random tag in the high bits of `seq`, so no other process
 //! issues it, and a client that takes it elsewhere is told its replay is incomplete), and kept
 //! in a bounded outbox. Recovery first reads what Redis holds (an append whose reply was lost
 //! is found there and replaces its outbox copy), then appends the outbox with `local=1`, which
