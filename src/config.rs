@@ -24,6 +24,9 @@ pub const DEFAULT_MAX_STREAMS_PER_USER: usize = 32;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// How long a client may take to send its request head (slowloris guard).
 pub const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 10;
+/// Default time allowed to send a request body, so that slow bodies cannot hold connection
+/// slots (slowloris on the body rather than the head).
+pub const DEFAULT_BODY_READ_TIMEOUT_SECS: u64 = 10;
 /// How long shutdown waits for open connections to finish before exiting anyway.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 5;
 /// Milliseconds a disconnected `EventSource` waits before reconnecting (the `retry:` field).
@@ -93,6 +96,8 @@ pub struct Config {
     pub cors_allow_origins: Vec<String>,
     /// Time allowed for a request head (`HEADER_READ_TIMEOUT_SECS`).
     pub header_read_timeout: Duration,
+    /// Time allowed for a request body (`BODY_READ_TIMEOUT_SECS`).
+    pub body_read_timeout: Duration,
     /// Time shutdown waits for connections (`SHUTDOWN_GRACE_SECS`).
     pub shutdown_grace: Duration,
     /// Log verbosity (`LOG_LEVEL`).
@@ -172,6 +177,7 @@ impl Config {
             },
             cors_allow_origins: Vec::new(),
             header_read_timeout: Duration::from_secs(DEFAULT_HEADER_READ_TIMEOUT_SECS),
+            body_read_timeout: Duration::from_secs(DEFAULT_BODY_READ_TIMEOUT_SECS),
             shutdown_grace: Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_SECS),
             log_level: Level::Info,
             log_format: LogFormat::Text,
@@ -247,6 +253,9 @@ impl Config {
         }
         if let Some(secs) = env_positive(lookup, "HEADER_READ_TIMEOUT_SECS")? {
             config.header_read_timeout = Duration::from_secs(secs as u64);
+        }
+        if let Some(secs) = env_positive(lookup, "BODY_READ_TIMEOUT_SECS")? {
+            config.body_read_timeout = Duration::from_secs(secs as u64);
         }
         if let Some(secs) = env_parse::<u64>(lookup, "SHUTDOWN_GRACE_SECS")? {
             config.shutdown_grace = Duration::from_secs(secs);

@@ -45,6 +45,7 @@ ENVIRONMENT:
     MAX_STREAMS_PER_USER       open streams per user (429 beyond)    [32]
     MAX_CONNECTIONS            open connections (503 beyond; capped by the open-file limit) [10000]
     HEADER_READ_TIMEOUT_SECS   time allowed for a request head       [10]
+    BODY_READ_TIMEOUT_SECS     time allowed for a request body (408 beyond) [10]
     SHUTDOWN_GRACE_SECS        time shutdown waits for connections   [5]
     LOG_LEVEL                  error, warn, info or debug            [info]
     LOG_FORMAT                 text, or json (one object per line)   [text]

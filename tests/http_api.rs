@@ -415,6 +415,56 @@ async fn a_client_that_never_finishes_its_head_is_cut_off() {
 }
 
 #[tokio::test]
+async fn a_body_that_never_arrives_gets_408_and_frees_its_slot_while_others_are_served() {
+    let mut settings = config();
+    settings.body_read_timeout = Duration::from_secs(1);
+    settings.max_connections = 3;
+    let server = TestServer::start(settings).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Two connections that declare a large body and send one byte of it: the M2 attack.
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let head = format!(
+            "POST /ai/artifact/generate HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\
+             content-type: application/json\r\ncontent-length: 800000\r\n\r\n{{",
+            server.token("mallory")
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        slow.push(stream);
+    }
+    // Meanwhile the third slot serves everyone else.
+    let health = send(server.addr, request("GET", "/healthz", None, "")).await;
+    assert_eq!(health.status, StatusCode::OK);
+    for mut stream in slow {
+        let mut response = Vec::new();
+        let read = tokio::time::timeout(common::PATIENCE, stream.read_to_end(&mut response)).await;
+        assert!(read.is_ok(), "the connection stayed open");
+        let text = String::from_utf8_lossy(&response);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(text.contains("connection: close"), "{text}");
+        assert!(
+            text.contains(r#"{"error":"the request body did not arrive within 1 s"}"#),
+            "{text}"
+        );
+    }
+    // Their slots are free again (as soon as their tasks end): two streams and a request fit
+    // the three slots.
+    let mut streams = Vec::new();
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    while streams.len() < 2 {
+        let stream = SseClient::connect(server.addr, &server.token("a")).await;
+        if stream.status == StatusCode::OK {
+            streams.push(stream);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "slots never freed");
+    }
+    let health = send(server.addr, request("GET", "/healthz", None, "")).await;
+    assert_eq!(health.status, StatusCode::OK);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn connections_beyond_the_limit_get_503_with_retry_after() {
     let mut settings = config();
     settings.max_connections = 2;

@@ -1,6 +1,8 @@
 //! Every failure a request can meet, and the one place it becomes an HTTP response.
 
-use hyper::header::{HeaderValue, ALLOW, RETRY_AFTER, WWW_AUTHENTICATE};
+use std::time::Duration;
+
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Response, StatusCode};
 
 use super::response::{json_response, ResponseBody};
@@ -24,6 +26,8 @@ pub enum ApiError {
     MethodNotAllowed(&'static str),
     /// 413: this part of the request is larger than this many bytes.
     PayloadTooLarge(&'static str, usize),
+    /// 408: the request body did not arrive within this time; the connection is closed.
+    RequestTimeout(Duration),
     /// 409: the resource is in a state that does not allow the request.
     Conflict(String),
     /// 422: a field is missing or has a value the endpoint cannot use.
@@ -50,6 +54,7 @@ impl ApiError {
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -74,6 +79,12 @@ impl ApiError {
             ApiError::MethodNotAllowed(allow) => format!("method not allowed; use {allow}"),
             ApiError::PayloadTooLarge(what, limit) => {
                 format!("{what} is larger than {limit} bytes")
+            }
+            ApiError::RequestTimeout(timeout) => {
+                format!(
+                    "the request body did not arrive within {} s",
+                    timeout.as_secs()
+                )
             }
             ApiError::TooManyStreams(max) => {
                 format!("too many open streams for this user (max {max})")
@@ -104,6 +115,10 @@ impl ApiError {
             }
             ApiError::MethodNotAllowed(allow) => {
                 headers.insert(ALLOW, HeaderValue::from_static(allow));
+            }
+            // The rest of the body may still be on its way: the connection cannot be reused.
+            ApiError::RequestTimeout(_) => {
+                headers.insert(CONNECTION, HeaderValue::from_static("close"));
             }
             ApiError::Unavailable(_)
             | ApiError::NotRelayed(_)

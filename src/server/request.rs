@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -35,10 +36,12 @@ pub struct ConnectionInfo {
     pub disconnect: Arc<Notify>,
 }
 
-/// Reads a JSON body of at most `limit` bytes: 413 when larger, 400 when not JSON.
+/// Reads a JSON body of at most `limit` bytes within `timeout`: 413 when larger, 408 when
+/// slower, 400 when not JSON.
 pub async fn read_json(
     request: Request<impl RequestBody>,
     limit: usize,
+    timeout: Duration,
 ) -> Result<Value, ApiError> {
     let declared_length = request
         .headers()
@@ -49,7 +52,11 @@ pub async fn read_json(
     if declared_length.is_some_and(|length| length > limit as u64) {
         return Err(ApiError::PayloadTooLarge("body", limit));
     }
-    let body: Bytes = match Limited::new(request.into_body(), limit).collect().await {
+    let reading = Limited::new(request.into_body(), limit).collect();
+    let Ok(read) = tokio::time::timeout(timeout, reading).await else {
+        return Err(ApiError::RequestTimeout(timeout));
+    };
+    let body: Bytes = match read {
         Ok(collected) => collected.to_bytes(),
         Err(error) if error.is::<LengthLimitError>() => {
             return Err(ApiError::PayloadTooLarge("body", limit))

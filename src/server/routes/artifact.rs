@@ -33,7 +33,8 @@ pub(in crate::server) async fn generate(
     request: Request<impl RequestBody>,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let identity = state.auth.authenticate(request.headers())?;
-    let body = read_json(request, MAX_GENERATE_BODY_BYTES).await?;
+    let timeout = state.config.body_read_timeout;
+    let body = read_json(request, MAX_GENERATE_BODY_BYTES, timeout).await?;
     let job = parse_generate_request(&identity.user_id, body)?;
     let job_id = job.id.clone();
     let artifact_type = job.artifact_type.as_str();

@@ -22,7 +22,8 @@ pub(in crate::server) async fn publish(
     if !identity.publisher {
         return Err(ApiError::Forbidden("token lacks the publisher role"));
     }
-    let mut body = read_json(request, MAX_PUBLISH_BODY_BYTES).await?;
+    let timeout = state.config.body_read_timeout;
+    let mut body = read_json(request, MAX_PUBLISH_BODY_BYTES, timeout).await?;
     let event_type = match body.get("event_type") {
         Some(Value::String(name)) if valid_event_type(name) => EventType::from(name.as_str()),
         _ => {
