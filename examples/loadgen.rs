@@ -9,7 +9,8 @@
 //!                                                      publish→receive latency, losses, leaks
 //!   ramp     --streams C --users U --connections K [--start R] [--step-percent P]
 //!                                                      highest delivered events/s with p99 ≤ 100 ms
-//!   stalled  --streams C --events E --connections K    RSS growth with C clients that never read
+//!   stalled  --streams C --events E --connections K [--pad BYTES]
+//!                                                      RSS growth with C clients that never read
 //! ```
 //! `--publish-addr` sends the publishes to another server than the streams' `--addr` (two
 //! processes sharing one Redis: the latency is then cross-process).
@@ -459,6 +460,8 @@ async fn read_stream(addr: SocketAddr, user: String, token: String, stats: Arc<S
 struct Publisher {
     sender: SendRequest<Full<Bytes>>,
     token: String,
+    /// Filler added to every event (`--pad`), to publish large events.
+    pad: String,
 }
 
 impl Publisher {
@@ -474,12 +477,16 @@ impl Publisher {
         let token = options
             .auth
             .issue("loadgen", true, Duration::from_secs(3600));
-        Publisher { sender, token }
+        let pad = "x".repeat(options.number("pad", 0) as usize);
+        Publisher { sender, token, pad }
     }
 
     async fn publish(&mut self, user: &str, n: u64) {
-        let body = json!({"event_type": "artifact.completed",
+        let mut body = json!({"event_type": "artifact.completed",
                           "event_data": {"user_id": user, "job_id": n, "result": {"sent_ns": now_nanos()}}});
+        if !self.pad.is_empty() {
+            body["event_data"]["pad"] = json!(self.pad);
+        }
         let request = Request::post("/ai/events/publish")
             .header("host", "loadgen")
             .header("authorization", format!("Bearer {}", self.token))

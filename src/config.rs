@@ -18,6 +18,10 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:8000";
 pub const DEFAULT_KEEPALIVE_SECS: u64 = 30;
 /// Frames one stream may have queued; a client that falls further behind is disconnected.
 pub const DEFAULT_STREAM_QUEUE_CAPACITY: usize = 256;
+/// Default bytes queued per stream before a slow client is disconnected (1 MiB, Centrifugo's
+/// default too): with large events, the frame bound alone would let one stalled client hold
+/// 256 of them.
+pub const DEFAULT_STREAM_QUEUE_MAX_BYTES: usize = 1024 * 1024;
 /// Open streams per user; one more is answered 429.
 pub const DEFAULT_MAX_STREAMS_PER_USER: usize = 32;
 /// Open connections overall; one more is answered 503 and closed.
@@ -83,6 +87,8 @@ pub struct Config {
     pub keepalive: Duration,
     /// Per-stream queue bound in frames (`SSE_QUEUE_CAPACITY`).
     pub stream_queue_capacity: usize,
+    /// Per-stream queue bound in bytes (`SSE_QUEUE_MAX_BYTES`).
+    pub stream_queue_max_bytes: usize,
     /// Open streams allowed per user (`MAX_STREAMS_PER_USER`).
     pub max_streams_per_user: usize,
     /// Open connections allowed overall (`MAX_CONNECTIONS`), never above what the open-file
@@ -166,6 +172,7 @@ impl Config {
             jwt_algorithm: Algorithm::HS256,
             keepalive: Duration::from_secs(DEFAULT_KEEPALIVE_SECS),
             stream_queue_capacity: DEFAULT_STREAM_QUEUE_CAPACITY,
+            stream_queue_max_bytes: DEFAULT_STREAM_QUEUE_MAX_BYTES,
             max_streams_per_user: DEFAULT_MAX_STREAMS_PER_USER,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             reconnect_delay: Duration::from_millis(DEFAULT_RECONNECT_DELAY_MS),
@@ -222,6 +229,9 @@ impl Config {
         }
         if let Some(capacity) = env_positive(lookup, "SSE_QUEUE_CAPACITY")? {
             config.stream_queue_capacity = capacity;
+        }
+        if let Some(bytes) = env_positive(lookup, "SSE_QUEUE_MAX_BYTES")? {
+            config.stream_queue_max_bytes = bytes;
         }
         if let Some(max) = env_positive(lookup, "MAX_STREAMS_PER_USER")? {
             config.max_streams_per_user = max;
@@ -319,6 +329,7 @@ impl Config {
     pub fn stream_settings(&self) -> StreamSettings {
         StreamSettings {
             queue_capacity: self.stream_queue_capacity,
+            queue_max_bytes: self.stream_queue_max_bytes,
             max_streams_per_user: self.max_streams_per_user,
             reconnect_delay: self.reconnect_delay,
             history: self.history,

@@ -36,6 +36,7 @@ ENVIRONMENT:
     JWT_ALGORITHM              HS256, HS384 or HS512                 [HS256]
     SSE_KEEPALIVE_SECS         seconds between keepalive comments    [30]
     SSE_QUEUE_CAPACITY         frames queued per stream before a slow client is dropped [256]
+    SSE_QUEUE_MAX_BYTES        bytes queued per stream before a slow client is dropped [1048576]
     SSE_RETRY_MS               reconnect delay sent to clients       [2000]
     SSE_HISTORY_EVENTS         events kept per user for Last-Event-ID replay [1000]
     SSE_HISTORY_SECS           seconds an event stays replayable     [600]

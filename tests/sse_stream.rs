@@ -215,6 +215,46 @@ async fn a_client_that_goes_away_is_removed_from_the_index() {
 }
 
 #[tokio::test]
+async fn a_stalled_client_of_large_events_is_disconnected_by_bytes_long_before_frames() {
+    let mut settings = config();
+    // Out of reach: only the byte bound can disconnect this client.
+    settings.stream_queue_capacity = 1_000_000;
+    settings.stream_queue_max_bytes = 256 * 1024;
+    let server = TestServer::start(settings).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(server.addr).await.unwrap();
+    let head = format!(
+        "GET /ai/artifact/events/stream HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\r\n",
+        server.token("sleepy")
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    server
+        .wait_until("the stream is open", |state| {
+            state.streams.stream_count() == 1
+        })
+        .await;
+    let padding = "x".repeat(64 * 1024);
+    let mut published = 0;
+    while server.state.metrics.slow_consumer_disconnects() == 0 {
+        assert!(
+            published < 2_000,
+            "the byte bound never disconnected the stalled client"
+        );
+        let event = json!({"user_id": "sleepy", "pad": padding});
+        server.state.bus.publish(&EventType::PROGRESS, event).await;
+        published += 1;
+        tokio::task::yield_now().await;
+    }
+    server
+        .wait_until("the stalled stream is gone", |state| {
+            state.streams.stream_count() == 0
+        })
+        .await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_client_that_stops_reading_is_disconnected_instead_of_growing_memory() {
     let mut settings = config();
     settings.stream_queue_capacity = 16;

@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -19,19 +19,22 @@ const MAX_COALESCED_BYTES: usize = 64 * 1024;
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct QueueFull;
 
-/// A bounded queue of encoded frames between the index (which pushes) and one stream's body
-/// (which pops). Small on purpose: an idle stream holds only a few pointers and a short deque,
-/// which is what keeps memory per idle stream low.
+/// A queue of encoded frames between the index (which pushes) and one stream's body (which
+/// pops), bounded in frames and in bytes. Small on purpose: an idle stream holds only a few
+/// pointers and a short deque, which is what keeps memory per idle stream low.
 pub(super) struct FrameQueue {
     /// Guards the frames and the body's waker. A std `Mutex`: push and pop are O(1) and it is
     /// never held across an `.await`.
     state: Mutex<QueueState>,
-    capacity: usize,
+    max_frames: usize,
+    max_bytes: usize,
 }
 
 #[derive(Default)]
 struct QueueState {
     frames: VecDeque<Bytes>,
+    /// The queued frames' length in all.
+    bytes: usize,
     /// The body's task, woken when a frame arrives or the queue closes.
     waker: Option<Waker>,
     /// No more frames will come: the body ends once the queued ones are sent.
@@ -39,20 +42,30 @@ struct QueueState {
 }
 
 impl FrameQueue {
-    /// A queue that holds at most `capacity` frames.
-    pub(super) fn new(capacity: usize) -> Arc<Self> {
+    /// A queue holding `first` (a stream's connected frame and replay) with room for
+    /// `max_frames` more frames of `max_bytes` in all (but always for one frame, however
+    /// large, so that no event is too big to ever be sent).
+    pub(super) fn new(first: Vec<Bytes>, max_frames: usize, max_bytes: usize) -> Arc<Self> {
+        let bytes: usize = first.iter().map(Bytes::len).sum();
         Arc::new(FrameQueue {
-            state: Mutex::new(QueueState::default()),
-            capacity,
+            max_frames: max_frames + first.len(),
+            max_bytes: max_bytes + bytes,
+            state: Mutex::new(QueueState {
+                frames: first.into(),
+                bytes,
+                ..QueueState::default()
+            }),
         })
     }
 
     /// Queues `frame` and wakes the body; a full queue refuses it.
     pub(super) fn push(&self, frame: Bytes) -> Result<(), QueueFull> {
-        let mut state = self.lock();
-        if state.frames.len() >= self.capacity {
+        let mut state = lock(&self.state);
+        let too_many_bytes = !state.frames.is_empty() && state.bytes + frame.len() > self.max_bytes;
+        if state.frames.len() >= self.max_frames || too_many_bytes {
             return Err(QueueFull);
         }
+        state.bytes += frame.len();
         state.frames.push_back(frame);
         if let Some(waker) = state.waker.take() {
             waker.wake();
@@ -62,15 +75,11 @@ impl FrameQueue {
 
     /// Ends the stream after the frames already queued.
     pub(super) fn close(&self) {
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         state.closed = true;
         if let Some(waker) = state.waker.take() {
             waker.wake();
         }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, QueueState> {
-        lock(&self.state)
     }
 }
 
@@ -79,18 +88,8 @@ impl FrameQueue {
 /// `R` is held for as long as the body lives: the stream index's registration, which takes
 /// the stream out of the index when hyper drops the body (the client went away).
 pub struct SseBody<R> {
-    queue: Arc<FrameQueue>,
-    _registration: R,
-}
-
-impl<R> SseBody<R> {
-    /// A body fed by `queue`, holding `registration` until it is dropped.
-    pub(super) fn new(queue: Arc<FrameQueue>, registration: R) -> Self {
-        SseBody {
-            queue,
-            _registration: registration,
-        }
-    }
+    pub(super) queue: Arc<FrameQueue>,
+    pub(super) _registration: R,
 }
 
 impl<R: Unpin> Body for SseBody<R> {
@@ -101,9 +100,11 @@ impl<R: Unpin> Body for SseBody<R> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let mut state = self.queue.lock();
+        let mut state = lock(&self.queue.state);
         if let Some(first) = state.frames.pop_front() {
-            return Poll::Ready(Some(Ok(Frame::data(coalesce(first, &mut state.frames)))));
+            let chunk = coalesce(first, &mut state.frames);
+            state.bytes -= chunk.len();
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         if state.closed {
             return Poll::Ready(None);
@@ -141,15 +142,32 @@ mod tests {
 
     #[test]
     fn a_full_queue_refuses_frames_until_one_is_taken() {
-        let queue = FrameQueue::new(2);
+        let queue = FrameQueue::new(Vec::new(), 2, 1024);
         assert_eq!(queue.push(Bytes::from_static(b"a")), Ok(()));
         assert_eq!(queue.push(Bytes::from_static(b"b")), Ok(()));
         assert_eq!(queue.push(Bytes::from_static(b"c")), Err(QueueFull));
         assert_eq!(
-            queue.lock().frames.pop_front(),
+            lock(&queue.state).frames.pop_front(),
             Some(Bytes::from_static(b"a"))
         );
         assert_eq!(queue.push(Bytes::from_static(b"c")), Ok(()));
+    }
+
+    #[test]
+    fn a_queue_is_bounded_in_bytes_but_always_takes_one_frame() {
+        let queue = FrameQueue::new(Vec::new(), 100, 10);
+        assert_eq!(
+            queue.push(Bytes::from(vec![b'x'; 64])),
+            Ok(()),
+            "one frame always fits"
+        );
+        assert_eq!(queue.push(Bytes::from_static(b"y")), Err(QueueFull));
+        // A replay comes on top of the bounds.
+        let replay = vec![Bytes::from(vec![b'r'; 100]), Bytes::from_static(b"s")];
+        let queue = FrameQueue::new(replay, 100, 10);
+        assert_eq!(queue.push(Bytes::from(vec![b'z'; 6])), Ok(()));
+        assert_eq!(queue.push(Bytes::from(vec![b'z'; 4])), Ok(()));
+        assert_eq!(queue.push(Bytes::from_static(b"!")), Err(QueueFull));
     }
 
     #[test]

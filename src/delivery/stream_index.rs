@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,6 +24,8 @@ use crate::sse::encoder::{self, Event, KEEPALIVE};
 pub struct StreamSettings {
     /// Frames one stream may have queued before its client counts as too slow.
     pub queue_capacity: usize,
+    /// Bytes one stream may have queued before its client counts as too slow.
+    pub queue_max_bytes: usize,
     /// Open streams allowed per user.
     pub max_streams_per_user: usize,
     /// The reconnection delay sent to clients in the first frame's `retry:` field.
@@ -53,7 +55,8 @@ pub struct StreamIndex {
     /// Guards the streams and the history together, so that an id's order, its place in the
     /// history and its place in every live queue agree; that is what makes a replay followed
     /// by live events gap- and duplicate-free. A std `Mutex`: it is held for map edits and
-    /// non-blocking queue pushes only, never across an `.await`.
+    /// non-blocking queue pushes only (and counting replays, whose lock is a leaf), never
+    /// across an `.await`.
     state: Mutex<IndexState>,
     next_stream_id: AtomicU64,
     settings: StreamSettings,
@@ -136,8 +139,8 @@ impl StreamIndex {
         .expect("a retry field and data always encode");
         let id = self.next_stream_id.fetch_add(1, Ordering::Relaxed);
         let user: Arc<str> = Arc::from(user_id);
-        let (queue, replayed) = {
-            let mut state = self.lock();
+        let queue = {
+            let mut state = lock(&self.state);
             if state.closed {
                 return Err(StreamLimitError::ShuttingDown);
             }
@@ -156,15 +159,15 @@ impl StreamIndex {
                         json!({"type": "replay_incomplete", "last_event_id": last_event_id});
                     first_frames.push(encoder::encode_data(&notice.to_string()));
                 }
-                first_frames.extend(replay.events.iter().map(|event| event.frame.clone()));
+                for event in &replay.events {
+                    first_frames.push(event.frame.clone());
+                    self.metrics.count_replay(&event.event_type);
+                }
             }
-            // Room for the replay on top of the usual bound, so a reconnect never overflows.
-            let queue = FrameQueue::new(self.settings.queue_capacity + first_frames.len());
-            for frame in first_frames {
-                queue
-                    .push(frame)
-                    .expect("the queue was sized for the first frames");
-            }
+            // The replay comes on top of the usual bounds, so a reconnect never overflows.
+            let (max_frames, max_bytes) =
+                (self.settings.queue_capacity, self.settings.queue_max_bytes);
+            let queue = FrameQueue::new(first_frames, max_frames, max_bytes);
             state
                 .by_user
                 .entry(user.clone())
@@ -174,20 +177,14 @@ impl StreamIndex {
                     frames: queue.clone(),
                     disconnect,
                 });
-            (
-                queue,
-                replay.map(|replay| replay.events).unwrap_or_default(),
-            )
+            queue
         };
-        for event in &replayed {
-            self.metrics.count_replay(&event.event_type);
-        }
-        let registration = Registration {
-            index: self.clone(),
-            user,
-            id,
-        };
-        Ok(SseBody::new(queue, registration))
+        let index = self.clone();
+        let registration = Registration { index, user, id };
+        Ok(SseBody {
+            queue,
+            _registration: registration,
+        })
     }
 
     /// Records the event for its `user_id` under the history's next id and queues it on every
@@ -213,7 +210,7 @@ impl StreamIndex {
         let data = event_data.to_string();
         let (mut delivered, mut dropped) = (0, 0);
         {
-            let mut state = self.lock();
+            let mut state = lock(&self.state);
             let state = &mut *state;
             let user = match state.by_user.get_key_value(user_id) {
                 Some((user, _)) => user.clone(),
@@ -250,7 +247,7 @@ impl StreamIndex {
     /// disconnected as slow. One pass every keepalive interval keeps a timer per stream away.
     pub fn send_keepalives(&self) {
         let keepalive = Bytes::from_static(KEEPALIVE);
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         state.by_user.retain(|user_id, streams| {
             streams.retain(|stream| match stream.frames.push(keepalive.clone()) {
                 Ok(()) => true,
@@ -265,7 +262,7 @@ impl StreamIndex {
 
     /// Ends every open stream (after the frames already queued) and refuses new ones.
     pub fn close_all(&self) {
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         state.closed = true;
         for stream in state.by_user.drain().flat_map(|(_, streams)| streams) {
             stream.frames.close();
@@ -276,7 +273,7 @@ impl StreamIndex {
     /// publish); without a history sink it does nothing.
     pub fn finish_persisting(&self) {
         // Taken out first: the sink is finished without the index lock held.
-        let sink = self.lock().sink.take();
+        let sink = lock(&self.state).sink.take();
         if let Some(sink) = sink {
             sink.finish();
         }
@@ -284,31 +281,28 @@ impl StreamIndex {
 
     /// How many streams are open.
     pub fn stream_count(&self) -> usize {
-        self.lock().by_user.values().map(Vec::len).sum()
+        lock(&self.state).by_user.values().map(Vec::len).sum()
     }
 
     fn disconnect_slow(&self, user_id: &str, stream: &StreamEntry) {
         self.metrics.count_slow_consumer_disconnect();
         log::warning!(
-            "disconnecting a slow SSE client of user {user_id}: its queue of {} frames is full",
-            self.settings.queue_capacity
+            "disconnecting a slow SSE client of user {user_id}: its queue ({} frames, {} bytes) is full",
+            self.settings.queue_capacity,
+            self.settings.queue_max_bytes
         );
         stream.frames.close();
         stream.disconnect.notify_one();
     }
 
     fn remove(&self, user: &str, id: u64) {
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         if let Some(streams) = state.by_user.get_mut(user) {
             streams.retain(|stream| stream.id != id);
             if streams.is_empty() {
                 state.by_user.remove(user);
             }
         }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, IndexState> {
-        lock(&self.state)
     }
 }
 

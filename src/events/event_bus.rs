@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::relay::{PublishResult, Relay};
 use super::EventType;
 use crate::log;
-use crate::panic::{catch_unwind, panic_message, CatchUnwind};
+use crate::panic::{catch_unwind, lock, panic_message, CatchUnwind};
 
 type HandlerFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 type HandlerFn = dyn Fn(&EventType, Arc<Value>) -> HandlerFuture + Send + Sync;
@@ -75,12 +75,15 @@ impl EventBus {
 
     /// Adds `handler` for `event_type`; [`EventType::ANY`] receives every event.
     pub fn subscribe(&self, event_type: EventType, handler: Handler) {
-        self.lock().entry(event_type).or_default().push(handler);
+        lock(&self.handlers)
+            .entry(event_type)
+            .or_default()
+            .push(handler);
     }
 
     /// Removes one subscription of exactly this handler; says whether it was subscribed.
     pub fn unsubscribe(&self, event_type: &EventType, handler: &Handler) -> bool {
-        let mut handlers = self.lock();
+        let mut handlers = lock(&self.handlers);
         let Some(list) = handlers.get_mut(event_type) else {
             return false;
         };
@@ -154,17 +157,13 @@ impl EventBus {
     }
 
     fn handlers_for(&self, event_type: &EventType) -> Vec<Handler> {
-        let handlers = self.lock();
+        let handlers = lock(&self.handlers);
         let own = handlers.get(event_type).into_iter().flatten();
         let any = match *event_type == EventType::ANY {
             true => None,
             false => handlers.get(&EventType::ANY),
         };
         own.chain(any.into_iter().flatten()).cloned().collect()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<EventType, Vec<Handler>>> {
-        crate::panic::lock(&self.handlers)
     }
 }
 
