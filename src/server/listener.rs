@@ -220,21 +220,29 @@ async fn send_keepalives(streams: Weak<StreamIndex>, period: Duration) {
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM, the two ways a server is asked to stop.
-pub async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+/// Resolves on Ctrl-C or SIGTERM, the two ways a server is asked to stop. The handlers are
+/// registered when this is called, not when the future is first polled, so a signal sent the
+/// moment the server says it is listening is not missed (and does not kill the process).
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let signals = [SignalKind::terminate(), SignalKind::interrupt()].map(|kind| {
+        signal(kind)
+            .inspect_err(|error| log::warning!("cannot listen for {kind:?}: {error}"))
+            .ok()
+    });
+    async move {
+        let [terminate, interrupt] = signals;
+        let received = |signal: Option<tokio::signal::unix::Signal>| async move {
+            match signal {
+                Some(mut signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
-            Err(error) => {
-                log::warning!("cannot listen for SIGTERM: {error}");
-                std::future::pending::<()>().await;
-            }
+        };
+        tokio::select! {
+            () = received(terminate) => {},
+            () = received(interrupt) => {},
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        () = terminate => {},
     }
 }
