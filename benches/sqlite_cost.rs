@@ -14,7 +14,9 @@ use std::time::Instant;
 use artifact_events::backends::sqlite::{open_history, SqliteJobStore};
 use artifact_events::config::Config;
 use artifact_events::delivery::StreamIndex;
-use artifact_events::jobs::{ArtifactType, Job, JobChange, JobStatus, JobStore, MemoryJobStore};
+use artifact_events::jobs::{
+    ArtifactType, Job, JobChange, JobLimits, JobStatus, JobStore, MemoryJobStore,
+};
 use artifact_events::{EventBus, EventType};
 use http_body_util::BodyExt;
 use serde_json::json;
@@ -85,8 +87,8 @@ fn main() {
         (5_000, 100_000)
     };
     let database = scratch_file("jobs");
-    let sqlite = SqliteJobStore::open(&database, jobs * 2).unwrap();
-    let memory = MemoryJobStore::new(jobs * 2);
+    let sqlite = SqliteJobStore::open(&database, JobLimits::jobs(jobs * 2)).unwrap();
+    let memory = MemoryJobStore::new(JobLimits::jobs(jobs * 2));
     let sqlite_change = status_change_cost(&sqlite, jobs);
     let memory_change = status_change_cost(&memory, jobs);
 

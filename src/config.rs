@@ -57,6 +57,10 @@ pub const DEFAULT_RETRY_BACKOFF_MS: u64 = 250;
 /// Jobs kept in memory; beyond it the oldest finished ones are forgotten, and when none is
 /// finished new jobs get 503.
 pub const DEFAULT_MAX_JOBS: usize = 100_000;
+/// Default unfinished (queued or running) jobs one user may have; one more gets 429.
+pub const DEFAULT_MAX_JOBS_PER_USER: usize = 20;
+/// Default bytes of jobs kept (content, results, errors, and an allowance per job): 64 MiB.
+pub const DEFAULT_JOB_STORE_MAX_BYTES: usize = 64 * 1024 * 1024;
 /// Largest `content` of a generate request, in bytes; larger gets 413.
 pub const MAX_CONTENT_BYTES: usize = 100 * 1024;
 /// Largest generate request body: the content, escaped, plus room for the other fields.
@@ -120,6 +124,10 @@ pub struct Config {
     pub retry_backoff: Duration,
     /// Jobs kept in memory (`MAX_JOBS`).
     pub max_jobs: usize,
+    /// Unfinished jobs one user may have (`MAX_JOBS_PER_USER`).
+    pub max_jobs_per_user: usize,
+    /// Bytes of jobs kept (`JOB_STORE_MAX_BYTES`).
+    pub job_store_max_bytes: usize,
     /// The SQLite file that keeps jobs and event history across restarts (`DATABASE_PATH`);
     /// `None` keeps them in memory.
     pub database_path: Option<PathBuf>,
@@ -193,6 +201,8 @@ impl Config {
             job_timeout: Duration::from_secs(DEFAULT_JOB_TIMEOUT_SECS),
             retry_backoff: Duration::from_millis(DEFAULT_RETRY_BACKOFF_MS),
             max_jobs: DEFAULT_MAX_JOBS,
+            max_jobs_per_user: DEFAULT_MAX_JOBS_PER_USER,
+            job_store_max_bytes: DEFAULT_JOB_STORE_MAX_BYTES,
             database_path: None,
             generator_delay: Duration::ZERO,
             redis: None,
@@ -293,6 +303,12 @@ impl Config {
         if let Some(max) = env_positive(lookup, "MAX_JOBS")? {
             config.max_jobs = max;
         }
+        if let Some(max) = env_positive(lookup, "MAX_JOBS_PER_USER")? {
+            config.max_jobs_per_user = max;
+        }
+        if let Some(bytes) = env_positive(lookup, "JOB_STORE_MAX_BYTES")? {
+            config.job_store_max_bytes = bytes;
+        }
         if let Some(path) = env_value(lookup, "DATABASE_PATH") {
             config.database_path = Some(PathBuf::from(path));
         }
@@ -333,6 +349,15 @@ impl Config {
             max_streams_per_user: self.max_streams_per_user,
             reconnect_delay: self.reconnect_delay,
             history: self.history,
+        }
+    }
+
+    /// What the job store keeps, within this configuration.
+    pub fn job_limits(&self) -> crate::jobs::JobLimits {
+        crate::jobs::JobLimits {
+            max_jobs: self.max_jobs,
+            max_unfinished_per_user: self.max_jobs_per_user,
+            max_bytes: self.job_store_max_bytes,
         }
     }
 

@@ -55,6 +55,8 @@ ENVIRONMENT:
     RETRY_BACKOFF_MS           pause before a retry                  [250]
     JOB_TIMEOUT_SECS           time one attempt may take             [60]
     MAX_JOBS                   jobs kept in memory (oldest finished forgotten first) [100000]
+    MAX_JOBS_PER_USER          unfinished jobs per user (429 beyond)  [20]
+    JOB_STORE_MAX_BYTES        bytes of jobs kept (oldest finished forgotten first) [67108864]
     REDIS_URL                  share events with other processes through this Redis (feature redis) [none]
     REDIS_STREAM               the Redis stream's key                [artifact-events]
     REDIS_STREAM_MAX_LEN       entries the stream keeps (approximately) [100000]

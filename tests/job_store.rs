@@ -5,7 +5,8 @@
 mod common;
 
 use artifact_events::jobs::{
-    ArtifactType, Job, JobChange, JobFilter, JobStatus, JobStore, MemoryJobStore, Updated,
+    ArtifactType, Job, JobChange, JobFilter, JobLimits, JobStatus, JobStore, MemoryJobStore,
+    StoreError, Updated,
 };
 use serde_json::json;
 
@@ -30,9 +31,10 @@ fn ids(jobs: &[Job]) -> Vec<&str> {
     jobs.iter().map(|job| job.id.as_str()).collect()
 }
 
-/// Everything a store must do, given a way to open an empty one that keeps at most `max_jobs`.
-fn behaves_like_a_job_store(open: &dyn Fn(usize) -> Box<dyn JobStore>) {
-    let store = open(100);
+/// Everything a store must do, given a way to open an empty one within some limits.
+fn behaves_like_a_job_store(open: &dyn Fn(JobLimits) -> Box<dyn JobStore>) {
+    let open_jobs = |max_jobs| open(JobLimits::jobs(max_jobs));
+    let store = open_jobs(100);
     let first = job("alice", "nb1");
     let second = job("alice", "nb2");
     let bobs = job("bob", "nb1");
@@ -146,7 +148,7 @@ fn behaves_like_a_job_store(open: &dyn Fn(usize) -> Box<dyn JobStore>) {
     );
 
     // Bounded: the oldest finished job makes room; with none finished, the store is full.
-    let small = open(2);
+    let small = open_jobs(2);
     let (oldest, newer) = (job("carol", "nb"), job("carol", "nb"));
     small.create(oldest.clone()).unwrap();
     small.create(newer.clone()).unwrap();
@@ -175,7 +177,7 @@ fn behaves_like_a_job_store(open: &dyn Fn(usize) -> Box<dyn JobStore>) {
     );
 
     // A finished job keeps its result but lets go of its content, which only ran it.
-    let store = open(10);
+    let store = open_jobs(10);
     let done = job("dave", "nb");
     store.create(done.clone()).unwrap();
     assert_eq!(
@@ -192,16 +194,100 @@ fn behaves_like_a_job_store(open: &dyn Fn(usize) -> Box<dyn JobStore>) {
     let stored = store.get(&done.id).unwrap().unwrap();
     assert_eq!(stored.content, "");
     assert_eq!(stored.result, Some(json!({"summary": "s"})));
+
+    // A user has at most so many unfinished jobs; others are not held back by them.
+    let per_user = open(JobLimits {
+        max_unfinished_per_user: 2,
+        ..JobLimits::jobs(100)
+    });
+    let (first, second) = (job("erin", "nb"), job("erin", "nb"));
+    per_user.create(first.clone()).unwrap();
+    per_user.create(second.clone()).unwrap();
+    assert_eq!(
+        per_user.create(job("erin", "nb")),
+        Err(StoreError::UserAtLimit(2))
+    );
+    per_user.create(job("frank", "nb")).unwrap();
+    per_user
+        .update(
+            &first.id,
+            &[JobStatus::Queued],
+            JobChange::to(JobStatus::Cancelled),
+        )
+        .unwrap();
+    per_user.create(job("erin", "nb")).unwrap();
+
+    // A byte budget: finished jobs are forgotten, oldest first, to make room; a job that still
+    // does not fit is refused; a large result makes room but keeps its own job.
+    let sized = |user: &str, bytes: usize| {
+        Job::new(user, "nb", ArtifactType::Summary, "x".repeat(bytes), 3)
+    };
+    let one = sized("gina", 10_000).stored_bytes();
+    let budget = open(JobLimits {
+        max_bytes: 3 * one,
+        ..JobLimits::jobs(100)
+    });
+    let jobs: Vec<Job> = (0..3).map(|_| sized("gina", 10_000)).collect();
+    for job in &jobs {
+        budget.create(job.clone()).unwrap();
+    }
+    assert!(matches!(
+        budget.create(sized("gina", 10_000)),
+        Err(StoreError::Full(_))
+    ));
+    for job in &jobs[..2] {
+        budget
+            .update(
+                &job.id,
+                &[JobStatus::Queued],
+                JobChange::to(JobStatus::Failed),
+            )
+            .unwrap();
+    }
+    // Two finished jobs dropped their content: room for one more without forgetting any.
+    let fourth = sized("gina", 10_000);
+    budget.create(fourth.clone()).unwrap();
+    assert!(budget.get(&jobs[0].id).unwrap().is_some());
+    let stored = |job: &Job| budget.get(&job.id).unwrap().unwrap().stored_bytes();
+    let held: usize = [&jobs[0], &jobs[1], &jobs[2], &fourth]
+        .map(stored)
+        .iter()
+        .sum();
+    // One byte more than is free: it fits once the oldest finished job is forgotten.
+    let overhead = sized("gina", 0).stored_bytes();
+    let big = sized("gina", 3 * one - held + 1 - overhead);
+    budget.create(big.clone()).unwrap();
+    assert_eq!(
+        budget.get(&jobs[0].id).unwrap(),
+        None,
+        "the oldest finished went first"
+    );
+    let huge_result = JobChange {
+        result: Some(json!({"summary": "y".repeat(3 * one)})),
+        ..JobChange::to(JobStatus::Completed)
+    };
+    budget
+        .update(&jobs[2].id, &[JobStatus::Queued], huge_result)
+        .unwrap();
+    assert!(
+        budget.get(&jobs[2].id).unwrap().is_some(),
+        "its own job stays"
+    );
+    assert_eq!(
+        budget.get(&jobs[1].id).unwrap(),
+        None,
+        "other finished jobs made room"
+    );
 }
 
 #[test]
 fn the_memory_store_keeps_the_contract() {
-    behaves_like_a_job_store(&|max_jobs| Box::new(MemoryJobStore::new(max_jobs)));
+    behaves_like_a_job_store(&|limits| Box::new(MemoryJobStore::new(limits)));
 }
 
 #[test]
 fn the_memory_store_has_nothing_to_requeue() {
-    let store = MemoryJobStore::new(10);
+    let store = MemoryJobStore::new(JobLimits::jobs(10));
     store.create(job("alice", "nb")).unwrap();
     store.claim_next().unwrap();
     assert!(store.requeue_interrupted(1).unwrap().is_empty());
@@ -221,10 +307,10 @@ mod sqlite {
     fn the_sqlite_store_keeps_the_contract() {
         let directory = TempDir::new("contract");
         let opened = std::cell::Cell::new(0);
-        behaves_like_a_job_store(&|max_jobs| {
+        behaves_like_a_job_store(&|limits| {
             opened.set(opened.get() + 1);
             let path = directory.join(&format!("jobs-{}.db", opened.get()));
-            Box::new(SqliteJobStore::open(&path, max_jobs).unwrap())
+            Box::new(SqliteJobStore::open(&path, limits).unwrap())
         });
     }
 
@@ -232,7 +318,7 @@ mod sqlite {
     fn jobs_survive_reopening_the_file_exactly() {
         let directory = TempDir::new("reopen");
         let path = directory.join("jobs.db");
-        let store = SqliteJobStore::open(&path, 100).unwrap();
+        let store = SqliteJobStore::open(&path, JobLimits::jobs(100)).unwrap();
         let finished = job("alice", "nb");
         store.create(finished.clone()).unwrap();
         store.claim_next().unwrap();
@@ -250,7 +336,7 @@ mod sqlite {
         store.create(queued.clone()).unwrap();
         drop(store);
 
-        let reopened = SqliteJobStore::open(&path, 100).unwrap();
+        let reopened = SqliteJobStore::open(&path, JobLimits::jobs(100)).unwrap();
         assert_eq!(
             reopened.get(&finished.id).unwrap().as_ref(),
             Some(&*finished)
@@ -268,7 +354,7 @@ mod sqlite {
     fn running_jobs_of_a_dead_process_are_requeued_in_creation_order_or_failed() {
         let directory = TempDir::new("requeue");
         let path = directory.join("jobs.db");
-        let store = SqliteJobStore::open(&path, 100).unwrap();
+        let store = SqliteJobStore::open(&path, JobLimits::jobs(100)).unwrap();
         let jobs: Vec<Job> = (0..4).map(|_| job("alice", "nb")).collect();
         for job in &jobs {
             store.create(job.clone()).unwrap();
@@ -285,7 +371,7 @@ mod sqlite {
             .unwrap();
         drop(store); // the process dies
 
-        let store = SqliteJobStore::open(&path, 100).unwrap();
+        let store = SqliteJobStore::open(&path, JobLimits::jobs(100)).unwrap();
         let changed = store.requeue_interrupted(1).unwrap();
         assert_eq!(ids(&changed), [&jobs[0].id, &jobs[1].id]);
         assert_eq!(changed[0].status, JobStatus::Queued);
@@ -305,7 +391,7 @@ mod sqlite {
     fn two_connections_claiming_at_once_never_take_the_same_job() {
         let directory = TempDir::new("claims");
         let path = directory.join("jobs.db");
-        let seeding = SqliteJobStore::open(&path, 1000).unwrap();
+        let seeding = SqliteJobStore::open(&path, JobLimits::jobs(1000)).unwrap();
         let created: HashSet<String> = (0..300)
             .map(|_| {
                 let job = job("alice", "nb");
@@ -316,7 +402,7 @@ mod sqlite {
         let together = Arc::new(std::sync::Barrier::new(2));
         let claimers: Vec<_> = (0..2)
             .map(|_| {
-                let store = SqliteJobStore::open(&path, 1000).unwrap();
+                let store = SqliteJobStore::open(&path, JobLimits::jobs(1000)).unwrap();
                 let together = together.clone();
                 std::thread::spawn(move || {
                     together.wait();

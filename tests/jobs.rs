@@ -11,7 +11,7 @@ use std::time::Duration;
 use artifact_events::config::Config;
 use artifact_events::jobs::{
     generator::{BoxFuture, GenerationError},
-    ArtifactGenerator, GenerationRequest, JobStatus, OfflineGenerator,
+    ArtifactGenerator, DelayedGenerator, GenerationRequest, JobStatus, OfflineGenerator,
 };
 use artifact_events::{EventType, Handler};
 use common::{config, request, send, SseClient, TestServer};
@@ -665,6 +665,33 @@ async fn every_invalid_generate_request_is_refused_naming_the_field() {
     )
     .await;
     assert_eq!(listed.json(), json!({"jobs": []}));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_user_past_the_unfinished_job_cap_gets_429_while_others_are_served() {
+    let mut settings = config();
+    settings.max_jobs_per_user = 2;
+    settings.shutdown_grace = Duration::from_millis(100);
+    // Slow enough that every job stays unfinished for the whole test.
+    let slow = DelayedGenerator::new(Arc::new(OfflineGenerator), Duration::from_secs(60));
+    let server = TestServer::start_with_generator(settings, Arc::new(slow)).await;
+    let mallory = server.token("mallory");
+    let body = || generate_body("quiz", PHOTOSYNTHESIS, json!({}));
+    submit(&server, &mallory, body()).await;
+    let second = submit(&server, &mallory, body()).await;
+    let generate = |token: &str| request("POST", "/ai/artifact/generate", Some(token), body());
+    let refused = send(server.addr, generate(&mallory)).await;
+    assert_eq!(
+        refused.expect_error(StatusCode::TOO_MANY_REQUESTS),
+        "too many unfinished jobs for this user (max 2); retry when one ends"
+    );
+    assert!(refused.headers.contains_key("retry-after"));
+    submit(&server, &server.token("alice"), body()).await;
+    let cancel = format!("/ai/artifact/jobs/{second}/cancel");
+    let cancelled = send(server.addr, request("POST", &cancel, Some(&mallory), "")).await;
+    assert_eq!(cancelled.status, StatusCode::OK);
+    submit(&server, &mallory, body()).await;
     server.stop().await;
 }
 

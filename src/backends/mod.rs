@@ -71,7 +71,7 @@ pub async fn open(
         generator = Arc::new(DelayedGenerator::new(generator, config.generator_delay));
     }
     let backends = Backends {
-        store: Arc::new(MemoryJobStore::new(config.max_jobs)),
+        store: Arc::new(MemoryJobStore::new(config.job_limits())),
         generator,
         streams: StreamIndex::new(config.stream_settings(), metrics.clone()),
         bus_subscription: None,
@@ -113,7 +113,7 @@ fn with_sqlite(
 ) -> Result<Backends, String> {
     // With Redis, the shared stream is the history every process replays from.
     let history_limits = config.redis.is_none().then_some(config.history);
-    let opened = sqlite::open_backends(path, config.max_jobs, history_limits)
+    let opened = sqlite::open_backends(path, config.job_limits(), history_limits)
         .map_err(|error| error.to_string())?;
     let streams = match opened.history {
         Some((history, writer)) => {

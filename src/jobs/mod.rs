@@ -10,7 +10,7 @@ pub use artifact_worker::{ArtifactWorker, CancelOutcome, WorkerConfig};
 pub use generator::{
     ArtifactGenerator, ArtifactType, DelayedGenerator, GenerationRequest, OfflineGenerator,
 };
-pub use store::{JobChange, JobFilter, JobStore, MemoryJobStore, StoreError, Updated};
+pub use store::{JobChange, JobFilter, JobLimits, JobStore, MemoryJobStore, StoreError, Updated};
 
 use serde_json::{json, Value};
 
@@ -64,6 +64,25 @@ impl JobStatus {
             JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
         )
     }
+}
+
+/// Memory a job costs beyond its text: the record, its map entries, timestamps, and a parsed
+/// result's nodes. Counted against the byte budget so that it holds for small jobs too.
+const JOB_OVERHEAD_BYTES: usize = 512;
+
+/// About what a JSON value takes in memory: its text, and a node's worth per value.
+fn json_bytes(value: &Value) -> usize {
+    const NODE_BYTES: usize = 32;
+    NODE_BYTES
+        + match value {
+            Value::String(text) => text.len(),
+            Value::Array(items) => items.iter().map(json_bytes).sum(),
+            Value::Object(fields) => fields
+                .iter()
+                .map(|(key, value)| key.len() + json_bytes(value))
+                .sum(),
+            _ => 0,
+        }
 }
 
 /// One request to generate an artifact, and what became of it.
@@ -145,6 +164,18 @@ impl Job {
             "notebook_id": self.notebook_id,
             "timestamp": crate::time::now_rfc3339(),
         })
+    }
+
+    /// What keeping this job costs, counted against the store's byte budget: its text (content,
+    /// result, error, ids) plus a fixed allowance for the record around it.
+    pub fn stored_bytes(&self) -> usize {
+        JOB_OVERHEAD_BYTES
+            + self.content.len()
+            + self.result.as_ref().map_or(0, json_bytes)
+            + self.error.as_ref().map_or(0, String::len)
+            + self.id.len()
+            + self.user_id.len()
+            + self.notebook_id.len()
     }
 
     /// What the generator is asked to produce for this job.

@@ -7,13 +7,50 @@ use serde_json::Value;
 
 use super::{Job, JobStatus};
 
-/// A store operation that failed (I/O for a durable store; the memory store never fails).
+/// Why a store operation did not happen.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoreError(pub String);
+pub enum StoreError {
+    /// A new job does not fit: the store holds as many jobs, or bytes, as it may, and none
+    /// of the finished ones it could forget makes room.
+    Full(String),
+    /// The user already has this many unfinished jobs, the most allowed.
+    UserAtLimit(usize),
+    /// The store could not do it (I/O for a durable store; the memory store never fails).
+    Failed(String),
+}
 
 impl std::fmt::Display for StoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "job store: {}", self.0)
+        match self {
+            StoreError::Full(why) => write!(f, "job store is full: {why}"),
+            StoreError::UserAtLimit(max) => write!(f, "the user has {max} unfinished jobs"),
+            StoreError::Failed(why) => write!(f, "job store: {why}"),
+        }
+    }
+}
+
+/// How much a job store keeps. Finished jobs are forgotten, oldest first, to make room; a new
+/// job that still does not fit is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobLimits {
+    /// Jobs kept in all (`MAX_JOBS`).
+    pub max_jobs: usize,
+    /// Unfinished (queued or running) jobs one user may have (`MAX_JOBS_PER_USER`).
+    pub max_unfinished_per_user: usize,
+    /// Bytes kept in all, as [`Job::stored_bytes`] counts them (`JOB_STORE_MAX_BYTES`). A
+    /// result stored when nothing finished is left to forget may go past it, by at most the
+    /// unfinished jobs' results.
+    pub max_bytes: usize,
+}
+
+impl JobLimits {
+    /// At most `max_jobs` jobs, and no other bound.
+    pub fn jobs(max_jobs: usize) -> Self {
+        JobLimits {
+            max_jobs,
+            max_unfinished_per_user: usize::MAX,
+            max_bytes: usize::MAX,
+        }
     }
 }
 
@@ -69,7 +106,8 @@ pub struct JobFilter {
 /// Persists jobs; the worker and routes use only this trait, so a durable store can replace
 /// the memory one. Methods are synchronous and must be quick (a local lookup or transaction).
 pub trait JobStore: Send + Sync + 'static {
-    /// Stores a new job (queued), or refuses it when the store is full.
+    /// Stores a new job (queued), forgetting the oldest finished jobs to make room; refuses it
+    /// (`UserAtLimit`, `Full`) when its owner has too many unfinished jobs or it cannot fit.
     fn create(&self, job: Job) -> Result<(), StoreError>;
     /// The job with this id, whoever owns it.
     fn get(&self, job_id: &str) -> Result<Option<Job>, StoreError>;
@@ -99,12 +137,16 @@ pub struct MemoryJobStore {
     /// Guards all jobs and the queue together, so claiming and updating are atomic. A std
     /// `Mutex`: no operation awaits or does I/O while holding it.
     state: Mutex<MemoryState>,
-    max_jobs: usize,
+    limits: JobLimits,
 }
 
 #[derive(Default)]
 struct MemoryState {
     jobs: HashMap<String, Job>,
+    /// The jobs' [`Job::stored_bytes`] in all.
+    bytes: usize,
+    /// Queued and running jobs, by owner; a user with none has no entry.
+    unfinished: HashMap<String, usize>,
     /// Ids of queued jobs, oldest first; cancelled ones are skipped when claimed.
     queue: VecDeque<String>,
     /// Ids in creation order, for eviction of the oldest finished jobs.
@@ -112,11 +154,14 @@ struct MemoryState {
 }
 
 impl MemoryJobStore {
-    /// A store that keeps at most `max_jobs` jobs, forgetting the oldest finished ones first.
-    pub fn new(max_jobs: usize) -> Self {
+    /// A store within `limits`, forgetting the oldest finished jobs first.
+    pub fn new(limits: JobLimits) -> Self {
         MemoryJobStore {
             state: Mutex::new(MemoryState::default()),
-            max_jobs: max_jobs.max(1),
+            limits: JobLimits {
+                max_jobs: limits.max_jobs.max(1),
+                ..limits
+            },
         }
     }
 
@@ -128,15 +173,27 @@ impl MemoryJobStore {
 impl JobStore for MemoryJobStore {
     fn create(&self, job: Job) -> Result<(), StoreError> {
         let mut state = self.lock();
-        if state.jobs.len() >= self.max_jobs {
-            state.evict_oldest_finished();
+        let limits = self.limits;
+        if state.unfinished.get(&job.user_id).copied().unwrap_or(0)
+            >= limits.max_unfinished_per_user
+        {
+            return Err(StoreError::UserAtLimit(limits.max_unfinished_per_user));
         }
-        if state.jobs.len() >= self.max_jobs {
-            return Err(StoreError(format!(
-                "full: {} unfinished jobs",
-                self.max_jobs
+        let size = job.stored_bytes();
+        let fits = |state: &MemoryState| {
+            state.jobs.len() < limits.max_jobs
+                && state.bytes.saturating_add(size) <= limits.max_bytes
+        };
+        while !fits(&state) && state.evict_oldest_finished(None) {}
+        if !fits(&state) {
+            return Err(StoreError::Full(format!(
+                "{} jobs of {} bytes, none of them finished",
+                state.jobs.len(),
+                state.bytes
             )));
         }
+        state.bytes += size;
+        *state.unfinished.entry(job.user_id.clone()).or_default() += 1;
         state.queue.push_back(job.id.clone());
         state.created.push_back(job.id.clone());
         state.jobs.insert(job.id.clone(), job);
@@ -188,12 +245,14 @@ impl JobStore for MemoryJobStore {
         change: JobChange,
     ) -> Result<Updated, StoreError> {
         let mut state = self.lock();
+        let state = &mut *state;
         let Some(job) = state.jobs.get_mut(job_id) else {
             return Ok(Updated::Missing);
         };
         if !expected.contains(&job.status) {
             return Ok(Updated::Refused(job.status));
         }
+        let (size_before, was_finished) = (job.stored_bytes(), job.status.is_finished());
         job.status = change.status;
         if change.result.is_some() {
             job.result = change.result;
@@ -209,7 +268,14 @@ impl JobStore for MemoryJobStore {
             // The content (up to 100 KB) is needed only to run the job.
             job.content = String::new();
         }
-        Ok(Updated::Applied(Box::new(job.clone())))
+        let updated = Box::new(job.clone());
+        state.bytes = state.bytes - size_before + updated.stored_bytes();
+        if updated.status.is_finished() && !was_finished {
+            state.finish(&updated.user_id);
+        }
+        // A large result may take the store past its budget: other finished jobs make room.
+        while state.bytes > self.limits.max_bytes && state.evict_oldest_finished(Some(job_id)) {}
+        Ok(Updated::Applied(updated))
     }
 
     fn queued_ids(&self) -> Result<Vec<String>, StoreError> {
@@ -245,16 +311,34 @@ impl JobStore for MemoryJobStore {
 }
 
 impl MemoryState {
-    fn evict_oldest_finished(&mut self) {
+    /// Forgets the oldest finished job other than `keep`; false when there is none.
+    fn evict_oldest_finished(&mut self, keep: Option<&str>) -> bool {
         let Some(position) = self.created.iter().position(|id| {
-            self.jobs
-                .get(id)
-                .is_some_and(|job| job.status.is_finished())
+            Some(id.as_str()) != keep
+                && self
+                    .jobs
+                    .get(id)
+                    .is_some_and(|job| job.status.is_finished())
         }) else {
-            return;
+            return false;
         };
-        if let Some(id) = self.created.remove(position) {
-            self.jobs.remove(&id);
+        if let Some(job) = self
+            .created
+            .remove(position)
+            .and_then(|id| self.jobs.remove(&id))
+        {
+            self.bytes -= job.stored_bytes();
+        }
+        true
+    }
+
+    /// Counts one of the user's jobs as no longer unfinished.
+    fn finish(&mut self, user_id: &str) {
+        if let Some(count) = self.unfinished.get_mut(user_id) {
+            *count -= 1;
+            if *count == 0 {
+                self.unfinished.remove(user_id);
+            }
         }
     }
 }

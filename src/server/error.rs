@@ -34,6 +34,8 @@ pub enum ApiError {
     Unprocessable(String),
     /// 429: the user has too many open streams.
     TooManyStreams(usize),
+    /// 429: the user has this many unfinished jobs, the most allowed.
+    TooManyJobs(usize),
     /// 503: the server is at its connection limit or shutting down.
     Unavailable(&'static str),
     /// 503: an event reached this process but not the others (Redis is unreachable).
@@ -57,7 +59,7 @@ impl ApiError {
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooManyStreams(_) | ApiError::TooManyJobs(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) | ApiError::NotRelayed(_) | ApiError::NotReady(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -88,6 +90,9 @@ impl ApiError {
             }
             ApiError::TooManyStreams(max) => {
                 format!("too many open streams for this user (max {max})")
+            }
+            ApiError::TooManyJobs(max) => {
+                format!("too many unfinished jobs for this user (max {max}); retry when one ends")
             }
             ApiError::Internal => "internal server error".to_owned(),
         }
@@ -123,7 +128,8 @@ impl ApiError {
             ApiError::Unavailable(_)
             | ApiError::NotRelayed(_)
             | ApiError::NotReady(_)
-            | ApiError::TooManyStreams(_) => {
+            | ApiError::TooManyStreams(_)
+            | ApiError::TooManyJobs(_) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("5"));
             }
             _ => {}

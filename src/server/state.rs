@@ -37,7 +37,7 @@ pub struct AppState {
 impl AppState {
     /// Builds the state with an in-memory job store and the offline generator.
     pub fn new(config: Config, bus: Arc<EventBus>) -> Arc<Self> {
-        let store = Arc::new(MemoryJobStore::new(config.max_jobs));
+        let store = Arc::new(MemoryJobStore::new(config.job_limits()));
         Self::with_jobs(config, bus, store, Arc::new(OfflineGenerator))
     }
 

@@ -55,7 +55,7 @@ impl TestServer {
         config: Config,
         generator: Arc<dyn ArtifactGenerator>,
     ) -> Self {
-        let store = Arc::new(MemoryJobStore::new(config.max_jobs));
+        let store = Arc::new(MemoryJobStore::new(config.job_limits()));
         let state = AppState::with_jobs(config, Arc::new(EventBus::new()), store, generator);
         Self::serve(state).await
     }

@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 
 use super::DatabaseError;
 use crate::jobs::{
-    ArtifactType, Job, JobChange, JobFilter, JobStatus, JobStore, StoreError, Updated,
+    ArtifactType, Job, JobChange, JobFilter, JobLimits, JobStatus, JobStore, StoreError, Updated,
 };
 use crate::panic::lock;
 
@@ -23,28 +23,34 @@ pub struct SqliteJobStore {
     /// The connection and the job count behind one std `Mutex`: every call is one short local
     /// transaction and none awaits while holding it.
     state: Mutex<SqliteState>,
-    max_jobs: usize,
+    limits: JobLimits,
 }
 
 struct SqliteState {
     connection: Connection,
     /// Rows in `jobs`, kept here because `count(*)` walks the whole table.
     job_count: usize,
+    /// The rows' `size` in all, for the same reason.
+    bytes: usize,
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(error: rusqlite::Error) -> Self {
-        StoreError(error.to_string())
+        StoreError::Failed(error.to_string())
     }
 }
 
 impl SqliteJobStore {
-    /// Opens (or creates) the store in the file at `path`; like the memory store it keeps at
-    /// most `max_jobs` jobs, forgetting the oldest finished ones first.
-    pub fn open(path: &Path, max_jobs: usize) -> Result<Self, DatabaseError> {
+    /// Opens (or creates) the store in the file at `path`; like the memory store it keeps
+    /// within `limits`, forgetting the oldest finished jobs first.
+    pub fn open(path: &Path, limits: JobLimits) -> Result<Self, DatabaseError> {
         let connection = super::open(path)?;
-        let job_count = connection
-            .query_row("SELECT count(*) FROM jobs", [], |row| row.get(0))
+        let (job_count, bytes) = connection
+            .query_row(
+                "SELECT count(*), coalesce(sum(size), 0) FROM jobs",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
             .map_err(|error| DatabaseError {
                 path: path.to_owned(),
                 reason: error.to_string(),
@@ -53,8 +59,12 @@ impl SqliteJobStore {
             state: Mutex::new(SqliteState {
                 connection,
                 job_count,
+                bytes,
             }),
-            max_jobs: max_jobs.max(1),
+            limits: JobLimits {
+                max_jobs: limits.max_jobs.max(1),
+                ..limits
+            },
         })
     }
 
@@ -70,26 +80,34 @@ impl JobStore for SqliteJobStore {
         let SqliteState {
             connection,
             job_count,
+            bytes,
         } = &mut *state;
+        let limits = self.limits;
         let transaction = write(connection)?;
-        let mut evicted = 0;
-        if *job_count >= self.max_jobs {
-            evicted = transaction.execute(
-                "DELETE FROM jobs WHERE seq = (SELECT seq FROM jobs \
-                 WHERE status IN ('completed', 'failed', 'cancelled') ORDER BY seq LIMIT 1)",
-                [],
-            )?;
+        let unfinished: usize = transaction
+            .prepare_cached(
+                "SELECT count(*) FROM jobs WHERE user_id = ?1 AND status IN ('queued', 'running')",
+            )?
+            .query_row([&job.user_id], |row| row.get(0))?;
+        if unfinished >= limits.max_unfinished_per_user {
+            return Err(StoreError::UserAtLimit(limits.max_unfinished_per_user));
         }
-        if *job_count - evicted >= self.max_jobs {
-            return Err(StoreError(format!(
-                "full: {} unfinished jobs",
-                self.max_jobs
-            )));
+        let size = job.stored_bytes();
+        let (mut count, mut total) = (*job_count, *bytes);
+        while count >= limits.max_jobs || total.saturating_add(size) > limits.max_bytes {
+            match evict_oldest_finished(&transaction, None)? {
+                Some(evicted) => (count, total) = (count - 1, total - evicted),
+                None => {
+                    return Err(StoreError::Full(format!(
+                        "{count} jobs of {total} bytes, none of them finished"
+                    )))
+                }
+            }
         }
         transaction.execute(
             "INSERT INTO jobs (id, user_id, notebook_id, artifact_type, content, count, status, \
-             created_at, updated_at, result, error, retry_count) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+             created_at, updated_at, result, error, retry_count, size) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 job.id,
                 job.user_id,
@@ -103,10 +121,11 @@ impl JobStore for SqliteJobStore {
                 job.result.as_ref().map(|result| result.to_string()),
                 job.error,
                 job.retry_count,
+                size,
             ],
         )?;
         transaction.commit()?;
-        *job_count = *job_count - evicted + 1;
+        (*job_count, *bytes) = (count + 1, total + size);
         Ok(())
     }
 
@@ -162,12 +181,19 @@ impl JobStore for SqliteJobStore {
         change: JobChange,
     ) -> Result<Updated, StoreError> {
         let mut state = self.lock();
-        let transaction = write(&mut state.connection)?;
-        let status = transaction
-            .prepare_cached("SELECT status FROM jobs WHERE id = ?1")?
-            .query_row([job_id], |row| status_at(row, 0))
+        let SqliteState {
+            connection,
+            job_count,
+            bytes,
+        } = &mut *state;
+        let transaction = write(connection)?;
+        let found = transaction
+            .prepare_cached("SELECT status, size FROM jobs WHERE id = ?1")?
+            .query_row([job_id], |row| {
+                Ok((status_at(row, 0)?, row.get::<_, usize>(1)?))
+            })
             .optional()?;
-        let Some(status) = status else {
+        let Some((status, size_before)) = found else {
             return Ok(Updated::Missing);
         };
         if !expected.contains(&status) {
@@ -192,7 +218,21 @@ impl JobStore for SqliteJobStore {
             ],
             job_from_row,
         )?;
+        let size = job.stored_bytes();
+        transaction.execute(
+            "UPDATE jobs SET size = ?2 WHERE id = ?1",
+            params![job_id, size],
+        )?;
+        let (mut count, mut total) = (*job_count, *bytes - size_before + size);
+        // A large result may take the store past its budget: other finished jobs make room.
+        while total > self.limits.max_bytes {
+            match evict_oldest_finished(&transaction, Some(job_id))? {
+                Some(evicted) => (count, total) = (count - 1, total - evicted),
+                None => break,
+            }
+        }
         transaction.commit()?;
+        (*job_count, *bytes) = (count, total);
         Ok(Updated::Applied(Box::new(job)))
     }
 
@@ -266,6 +306,22 @@ impl JobStore for SqliteJobStore {
         transaction.commit()?;
         Ok(changed)
     }
+}
+
+/// Deletes the oldest finished job other than `keep`; returns its size, or `None` when there
+/// is none to forget.
+fn evict_oldest_finished(
+    transaction: &Transaction<'_>,
+    keep: Option<&str>,
+) -> rusqlite::Result<Option<usize>> {
+    transaction
+        .prepare_cached(
+            "DELETE FROM jobs WHERE seq = (SELECT seq FROM jobs \
+             WHERE status IN ('completed', 'failed', 'cancelled') AND id IS NOT ?1 \
+             ORDER BY seq LIMIT 1) RETURNING size",
+        )?
+        .query_row([keep], |row| row.get(0))
+        .optional()
 }
 
 /// Starts a write transaction that takes the write lock at once, so its reads cannot be

@@ -15,6 +15,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
 use crate::delivery::{History, HistoryLimits};
+use crate::jobs::JobLimits;
 
 /// Each schema change, in order; a file at version `n` has had the first `n` applied. Append
 /// new steps, never edit old ones: files written by earlier versions replay what they lack.
@@ -51,6 +52,11 @@ const MIGRATIONS: &[&str] = &[
         epoch INTEGER NOT NULL,
         seq INTEGER NOT NULL
     );",
+    // 2: what each job costs against the store's byte budget (`Job::stored_bytes`); rows from
+    // before it are estimated from their text.
+    "ALTER TABLE jobs ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+    UPDATE jobs SET size = 512 + length(id) + length(user_id) + length(notebook_id)
+        + length(content) + coalesce(length(result), 0) + coalesce(length(error), 0);",
 ];
 
 /// The schema version this build writes.
@@ -91,11 +97,11 @@ pub struct SqliteBackends {
 /// replay history.
 pub fn open_backends(
     path: &Path,
-    max_jobs: usize,
+    job_limits: JobLimits,
     history: Option<HistoryLimits>,
 ) -> Result<SqliteBackends, DatabaseError> {
     let claim = claim(path)?;
-    let store = SqliteJobStore::open(path, max_jobs)?;
+    let store = SqliteJobStore::open(path, job_limits)?;
     let history = history
         .map(|limits| open_history(path, limits))
         .transpose()?;

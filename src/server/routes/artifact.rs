@@ -38,9 +38,12 @@ pub(in crate::server) async fn generate(
     let job = parse_generate_request(&identity.user_id, body)?;
     let job_id = job.id.clone();
     let artifact_type = job.artifact_type.as_str();
-    state.jobs.submit(job).map_err(|error| {
-        log::error!("cannot queue a job: {error}");
-        ApiError::Unavailable("the job store cannot take more jobs now")
+    state.jobs.submit(job).map_err(|error| match error {
+        StoreError::UserAtLimit(max) => ApiError::TooManyJobs(max),
+        error => {
+            log::error!("cannot queue a job: {error}");
+            ApiError::Unavailable("the job store cannot take more jobs now")
+        }
     })?;
     log::info!(
         "job {job_id} ({artifact_type}) queued for user {}",
