@@ -25,6 +25,17 @@ if [ "${#missing[@]}" -gt 0 ] || ! command -v caddy >/dev/null 2>&1; then
   fi
 fi
 
+echo "== proxy: the README quotes examples/proxy/ word for word"
+python3 - <<'PY'
+import sys
+readme = open("README.md").read()
+stale = [name for name in ("examples/proxy/nginx.conf", "examples/proxy/Caddyfile")
+         if "```\n" + open(name).read() + "```" not in readme.replace("```nginx\n", "```\n").replace("```caddy\n", "```\n")]
+for name in stale:
+    print(f"FAILED: README.md's snippet differs from {name}; copy the file into the README")
+sys.exit(1 if stale else 0)
+PY
+
 echo "== proxy: cargo build --release (default features)"
 cargo build --release --quiet --bin artifact-events
 binary=target/release/artifact-events
