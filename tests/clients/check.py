@@ -209,7 +209,7 @@ def crash_and_recovery(args, server, token, database):
         kill_while_running(server, token, job_id, clients)
         server.start(database)
         wait_until(f"job {job_id} to complete after the restart",
-                   lambda: server.request("GET", f"/ai/artifact/jobs/{job_id}", token)[1]["status"] == "completed")
+                   lambda: server.request("GET", f"/ai/artifact/jobs/{job_id}", token)[1].get("status") == "completed")
         for client in clients:
             if client.saw("connected, resuming"):
                 raise CheckFailed(f"{client.name} reconnected before the job completed: the replay went untested")
