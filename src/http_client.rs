@@ -17,11 +17,13 @@
 //!   body, or the URL's path or query: any of them may carry an API key, a bearer token or a
 //!   webhook signature. Errors name the host and port at most.
 //!
-//! Only `http://` is spoken; an `https://` URL is [`Error::TlsUnavailable`].
+//! `http://` is spoken as is; `https://` needs a [`TlsConnector`] in [`Client::tls`] (the `tls`
+//! cargo feature provides one, set by `backends::open`), else it is [`Error::TlsUnavailable`].
 
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -32,8 +34,11 @@ use hyper::header::{
 };
 use hyper::{HeaderMap, Method, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+
+use crate::events::BoxFuture;
 
 /// How long resolving the host and opening the TCP connection may take.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -46,6 +51,23 @@ pub const DEFAULT_USER_AGENT: &str = concat!("artifact-events/", env!("CARGO_PKG
 
 /// Decides whether the client may connect to a resolved address; see [`is_public_address`].
 pub type AddressPolicy = fn(IpAddr) -> bool;
+
+/// A byte stream the client speaks HTTP over: a TCP connection, or TLS over one.
+pub trait Connection: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Connection for T {}
+
+/// Wraps a TCP connection in TLS for `https://` URLs. The seam keeps this module free of any
+/// TLS library: the `tls` cargo feature implements it (`backends::tls`).
+pub trait TlsConnector: Send + Sync + fmt::Debug {
+    /// Runs the handshake with `server_name` (a DNS name or an IP address, without brackets)
+    /// over `stream`, verifying the server's certificate for that name.
+    fn connect(
+        &self,
+        server_name: String,
+        stream: TcpStream,
+    ) -> BoxFuture<'static, io::Result<Box<dyn Connection>>>;
+}
 
 /// The bounds on one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,8 +150,15 @@ pub struct Response {
 pub enum Error {
     /// The URL cannot be sent; the text says why, without repeating the URL.
     InvalidUrl(&'static str),
-    /// The URL is `https://`, and this build has no TLS.
+    /// The URL is `https://`, and the client has no [`TlsConnector`].
     TlsUnavailable,
+    /// The TLS handshake failed, e.g. the certificate is not valid for the host.
+    Tls {
+        /// `HOST:PORT` as written in the URL.
+        server: String,
+        /// The handshake's error.
+        source: io::Error,
+    },
     /// The host resolves to an address the client's address policy refuses.
     AddressRefused {
         /// The host as written in the URL.
@@ -165,6 +194,9 @@ impl fmt::Display for Error {
                     "{host} resolves to {address}, which the address policy refuses"
                 )
             }
+            Error::Tls { server, source } => {
+                write!(f, "TLS handshake with {server} failed: {source}")
+            }
             Error::Connect { server, source } => write!(f, "cannot connect to {server}: {source}"),
             Error::Timeout(limit) => write!(f, "no complete response within {limit:?}"),
             Error::TooLarge(limit) => write!(f, "the response body is over {limit} bytes"),
@@ -177,12 +209,14 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {}
 
 /// Sends requests within its limits, connecting only where its address policy allows.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Client {
     /// The timeouts and the body cap for every request.
     pub limits: Limits,
     /// Consulted for every resolved address before connecting; `None` allows any address.
     pub address_policy: Option<AddressPolicy>,
+    /// Speaks TLS for `https://` URLs; `None` refuses them.
+    pub tls: Option<Arc<dyn TlsConnector>>,
 }
 
 impl Client {
@@ -223,14 +257,21 @@ impl Client {
             .map_err(|_| Error::Timeout(limit))?
     }
 
-    /// Resolves the target, puts every address to the policy, then tries them in turn.
-    async fn connect(&self, target: &Target) -> Result<TcpStream, Error> {
+    /// Resolves the target, puts every address to the policy, tries them in turn, and for
+    /// `https://` runs the TLS handshake: all within the connect timeout.
+    async fn connect(&self, target: &Target) -> Result<Box<dyn Connection>, Error> {
         let connect_error = |source| Error::Connect {
             server: target.server(),
             source,
         };
+        // Refused before anything is resolved or connected.
+        let tls = match (target.tls, &self.tls) {
+            (false, _) => None,
+            (true, Some(tls)) => Some(tls),
+            (true, None) => return Err(Error::TlsUnavailable),
+        };
+        let host = target.host.trim_start_matches('[').trim_end_matches(']');
         let connecting = async {
-            let host = target.host.trim_start_matches('[').trim_end_matches(']');
             let resolved = tokio::net::lookup_host((host, target.port)).await;
             let addresses: Vec<_> = resolved.map_err(connect_error)?.collect();
             // One refused address refuses the host: a name that resolves both inside and
@@ -242,10 +283,23 @@ impl Client {
             }
             let mut last_error = io::Error::new(io::ErrorKind::NotFound, "no address found");
             for address in addresses {
-                match TcpStream::connect(address).await {
-                    Ok(stream) => return Ok(stream),
-                    Err(error) => last_error = error,
-                }
+                let stream = match TcpStream::connect(address).await {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        last_error = error;
+                        continue;
+                    }
+                };
+                return match tls {
+                    None => Ok(Box::new(stream) as Box<dyn Connection>),
+                    Some(tls) => tls
+                        .connect(host.to_owned(), stream)
+                        .await
+                        .map_err(|source| {
+                            let server = target.server();
+                            Error::Tls { server, source }
+                        }),
+                };
             }
             Err(connect_error(last_error))
         };
@@ -300,6 +354,8 @@ fn is_public_v6(address: Ipv6Addr) -> bool {
 /// Where a URL points: what to resolve and connect to, and the request line's target.
 #[derive(Debug, PartialEq, Eq)]
 struct Target {
+    /// `https://`: the connection needs TLS.
+    tls: bool,
     /// A name, an IPv4 address, or an IPv6 address in brackets.
     host: String,
     port: u16,
@@ -313,11 +369,11 @@ impl Target {
         let (scheme, rest) = url
             .split_once("://")
             .ok_or(invalid("expected http://HOST[:PORT][/PATH]"))?;
-        match scheme.to_ascii_lowercase().as_str() {
-            "http" => {}
-            "https" => return Err(Error::TlsUnavailable),
-            _ => return Err(invalid("the scheme is not http://")),
-        }
+        let tls = match scheme.to_ascii_lowercase().as_str() {
+            "http" => false,
+            "https" => true,
+            _ => return Err(invalid("the scheme is not http:// or https://")),
+        };
         let rest = rest.split('#').next().unwrap_or_default();
         let (authority, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
         if authority.contains('@') {
@@ -341,7 +397,7 @@ impl Target {
             ));
         }
         let port = match port {
-            None => 80,
+            None => target_default_port(tls),
             // Digits only: `str::parse` would also take a leading `+`.
             Some(digits) => match digits.parse::<u16>() {
                 Ok(port) if port != 0 && digits.bytes().all(|b| b.is_ascii_digit()) => port,
@@ -351,6 +407,7 @@ impl Target {
         let path = Uri::try_from(format!("/{}", path.strip_prefix('/').unwrap_or(path)))
             .map_err(|_| invalid("the path or query holds a character a URL cannot carry"))?;
         Ok(Target {
+            tls,
             host: host.to_owned(),
             port,
             path,
@@ -365,10 +422,11 @@ impl Target {
     /// `request` as hyper sends it, with the client's own headers set.
     fn http_request(&self, request: Request) -> hyper::Request<Full<Bytes>> {
         let mut headers = request.headers;
-        // `Host` leaves out the default port, as curl and browsers do.
-        let host = match self.port {
-            80 => self.host.clone(),
-            _ => self.server(),
+        // `Host` leaves out the scheme's default port, as curl and browsers do.
+        let host = if self.port == target_default_port(self.tls) {
+            self.host.clone()
+        } else {
+            self.server()
         };
         let host = HeaderValue::try_from(host).expect("a parsed host is a valid header value");
         headers.insert(HOST, host);
@@ -386,6 +444,15 @@ impl Target {
         *http.uri_mut() = self.path.clone();
         *http.headers_mut() = headers;
         http
+    }
+}
+
+/// The port a URL without one means: 443 for `https://`, 80 for `http://`.
+fn target_default_port(tls: bool) -> u16 {
+    if tls {
+        443
+    } else {
+        80
     }
 }
 
@@ -544,11 +611,15 @@ mod tests {
     }
 
     #[test]
-    fn https_is_refused_for_want_of_tls() {
-        assert!(matches!(
-            Target::parse("https://example.com/"),
-            Err(Error::TlsUnavailable)
-        ));
+    fn https_means_tls_on_port_443_unless_the_url_says_otherwise() {
+        let secure = target("https://example.com/v1");
+        assert!(secure.tls);
+        assert_eq!(secure.server(), "example.com:443");
+        assert!(!target("http://example.com/").tls);
+        assert_eq!(target("HTTPS://example.com:8443/").port, 8443);
+        let host = |url: &str| target(url).http_request(Request::get(url)).headers()[HOST].clone();
+        assert_eq!(host("https://example.com/"), "example.com");
+        assert_eq!(host("https://example.com:80/"), "example.com:80");
         assert!(Error::TlsUnavailable
             .to_string()
             .contains("`tls` cargo feature"));
@@ -559,6 +630,7 @@ mod tests {
         let cases = [
             ("example.com/path", "expected http://"),
             ("ftp://example.com/", "scheme"),
+            ("https://user:secret@example.com/", "credentials"),
             ("http://", "no host"),
             ("http:///path", "no host"),
             ("http://:8080/", "no host"),

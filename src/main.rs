@@ -62,6 +62,12 @@ ENVIRONMENT:
     REDIS_STREAM_MAX_LEN       entries the stream keeps (approximately) [100000]
     REDIS_OUTBOX_CAPACITY      events kept for other processes while Redis is down [100000]
     DATABASE_PATH              SQLite file for durable jobs and event history (feature sqlite) [none: memory]
+    GENERATOR                  offline, or openai (an OpenAI-compatible model server) [offline]
+    OPENAI_BASE_URL            the model server's API root, e.g. http://127.0.0.1:11434/v1 [none]
+    OPENAI_API_KEY             sent as a bearer token; never logged  [none]
+    OPENAI_MODEL               the model's name on that server       [none]
+    LLM_TIMEOUT_SECS           time one request to the model may take [30]
+    LLM_MAX_TOKENS             tokens the model may write per answer [8192]
     GENERATOR_DELAY_MS         latency added to each generator call (demos, tests) [0]
 ";
 

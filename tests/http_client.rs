@@ -133,7 +133,7 @@ fn client(max_response_bytes: usize) -> Client {
     };
     Client {
         limits,
-        address_policy: None,
+        ..Client::default()
     }
 }
 
@@ -334,7 +334,7 @@ async fn the_public_address_policy_refuses_loopback_before_connecting() {
 
     for host in ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]"] {
         let url = format!("http://{host}:{port}/");
-        match send(public_only, Request::get(url)).await {
+        match send(public_only.clone(), Request::get(url)).await {
             Err(Error::AddressRefused {
                 host: refused,
                 address,
@@ -426,6 +426,7 @@ fn variant(error: &Error) -> &'static str {
     match error {
         Error::InvalidUrl(_) => "InvalidUrl",
         Error::TlsUnavailable => "TlsUnavailable",
+        Error::Tls { .. } => "Tls",
         Error::AddressRefused { .. } => "AddressRefused",
         Error::Connect { .. } => "Connect",
         Error::Timeout(_) => "Timeout",

@@ -9,6 +9,7 @@ pub mod validator;
 pub use artifact_worker::{ArtifactWorker, CancelOutcome, WorkerConfig};
 pub use generator::{
     ArtifactGenerator, ArtifactType, DelayedGenerator, GenerationRequest, OfflineGenerator,
+    OpenAiGenerator,
 };
 pub use store::{JobChange, JobFilter, JobLimits, JobStore, MemoryJobStore, StoreError, Updated};
 

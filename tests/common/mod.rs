@@ -1,6 +1,8 @@
 //! Shared helpers: a real server on 127.0.0.1:0 and HTTP/SSE clients over real TCP.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod model_server;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -355,6 +357,7 @@ impl RunningServer {
             // Only what the test says: CI exports REDIS_URL for the tests that ask for it.
             .env_remove("REDIS_URL")
             .env_remove("DATABASE_PATH")
+            .env_remove("GENERATOR")
             .env("ADDR", "127.0.0.1:0")
             .env("JWT_SECRET", SECRET)
             .envs(env.iter().copied())

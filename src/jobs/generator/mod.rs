@@ -1,9 +1,12 @@
 //! Artifact generation: the interface the worker drives (plan, generate, repair), and the
-//! generators behind it. `offline` builds artifacts from the content text alone.
+//! generators behind it. `offline` builds artifacts from the content text alone; `openai` asks
+//! a language model behind any OpenAI-compatible chat-completions server.
 
 mod offline;
+mod openai;
 
 pub use offline::OfflineGenerator;
+pub use openai::OpenAiGenerator;
 
 use std::fmt;
 use std::sync::Arc;
@@ -68,7 +71,7 @@ impl fmt::Display for GenerationError {
 
 impl std::error::Error for GenerationError {}
 
-/// Produces artifacts; the offline generator below, or later an LLM-backed one.
+/// Produces artifacts: the offline generator, or a language model (`OpenAiGenerator`).
 pub trait ArtifactGenerator: Send + Sync + 'static {
     /// Decides what to generate; the plan is opaque to the worker (JSON).
     fn plan<'a>(
