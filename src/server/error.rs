@@ -26,6 +26,8 @@ pub enum ApiError {
     PayloadTooLarge(&'static str, usize),
     /// 409: the resource is in a state that does not allow the request.
     Conflict(String),
+    /// 415: the body is not of the media type the endpoint needs; the text says which.
+    UnsupportedMediaType(&'static str),
     /// 422: a field is missing or has a value the endpoint cannot use.
     Unprocessable(String),
     /// 429: the user has too many open streams.
@@ -51,6 +53,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) | ApiError::NotRelayed(_) | ApiError::NotReady(_) => {
@@ -69,7 +72,9 @@ impl ApiError {
             | ApiError::NotRelayed(text)
             | ApiError::NotReady(text) => text.clone(),
             ApiError::Unauthorized(text) | ApiError::Forbidden(text) => (*text).to_owned(),
-            ApiError::Unavailable(text) => (*text).to_owned(),
+            ApiError::Unavailable(text) | ApiError::UnsupportedMediaType(text) => {
+                (*text).to_owned()
+            }
             ApiError::NotFound => "not found".to_owned(),
             ApiError::MethodNotAllowed(allow) => format!("method not allowed; use {allow}"),
             ApiError::PayloadTooLarge(what, limit) => {
