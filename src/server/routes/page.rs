@@ -45,7 +45,8 @@ pub(in crate::server) fn page(
     let mut response = full_response(Bytes::from(html));
     let policy = format!(
         "default-src 'self'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; \
-         object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+         img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'none'; \
+         frame-ancestors 'none'"
     );
     let headers = response.headers_mut();
     headers.insert(
