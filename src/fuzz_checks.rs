@@ -140,7 +140,7 @@ pub fn sse_parse(input: &[u8]) {
 /// `http_request`: any method, target, headers and body through the real router in process:
 /// never a panic (a 500); a JSON body with an `error` string for every 4xx and 5xx; for a 200
 /// event stream a first chunk that starts with the connected event; an empty 204 only for a
-/// CORS preflight, plain text only for `/metrics`.
+/// CORS preflight, plain text only for `/metrics`, HTML only for the demo page.
 ///
 /// The input's parts are the method, the target, `name: value` headers, and last the body. In
 /// a header value, `$TOKEN` and `$PUBLISHER` become valid user and publisher tokens (`$TOKEN`
@@ -354,6 +354,15 @@ async fn check_response(response: Response<ResponseBody>) {
             );
             let body = text.collect().await.expect("infallible").to_bytes();
             assert!(body.starts_with(b"# HELP "));
+        }
+        Either::Left(html)
+            if content_type
+                .as_ref()
+                .is_some_and(|t| t.as_bytes().starts_with(b"text/html")) =>
+        {
+            assert_eq!(status, StatusCode::OK, "only the demo page answers in HTML");
+            let body = html.collect().await.expect("infallible").to_bytes();
+            assert!(body.starts_with(b"<!DOCTYPE html>"));
         }
         Either::Left(json) => {
             assert_eq!(

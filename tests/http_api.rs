@@ -334,7 +334,6 @@ impl hyper::body::Body for ChunkedBody {
 async fn unknown_paths_get_404_and_wrong_methods_get_405_with_allow() {
     let server = TestServer::start(config()).await;
     for path in [
-        "/",
         "/nope",
         "/ai/artifact/events",
         "/ai/artifact/events/stream/extra",
@@ -348,6 +347,7 @@ async fn unknown_paths_get_404_and_wrong_methods_get_405_with_allow() {
         );
     }
     for (method, path, allow) in [
+        ("POST", "/", "GET"),
         ("POST", "/healthz", "GET"),
         ("POST", "/readyz", "GET"),
         ("DELETE", STREAM, "GET"),

@@ -3,12 +3,12 @@
 use std::time::Duration;
 
 use hyper::header::{HeaderMap, AUTHORIZATION, COOKIE};
-use hyper::Request;
+use hyper::{Method, Request};
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, MISSING_TOKEN};
-use super::request::query_param;
+use super::request::{query_param, require_json_content_type};
 
 /// The `role` claim that allows `POST /ai/events/publish`.
 pub const PUBLISHER_ROLE: &str = "publisher";
@@ -123,6 +123,30 @@ pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
         ))
 }
 
+/// The caller of a job route: the `Authorization: Bearer` header, else the `access_token`
+/// cookie (the demo page's, or the application's own). The header wins even when it is
+/// invalid, so a bad token is reported rather than silently replaced by a cookie.
+///
+/// A browser attaches the cookie to requests that other sites make, so a cookie-authenticated
+/// request that changes something must declare a JSON body (415 otherwise): a cross-site form
+/// cannot, and a cross-site `fetch` that does needs a CORS preflight, which only an origin in
+/// `CORS_ALLOW_ORIGINS` passes. The cookie's `SameSite=Strict` is the first line; this is the
+/// second, for cookies set without it.
+pub(crate) fn user_identity<B>(
+    auth: &Authenticator,
+    request: &Request<B>,
+) -> Result<Identity, ApiError> {
+    if request.headers().contains_key(AUTHORIZATION) {
+        return auth.authenticate(request.headers());
+    }
+    let token = cookie_token(request.headers()).ok_or(ApiError::Unauthorized(MISSING_TOKEN))?;
+    let identity = auth.verify(token)?;
+    if !matches!(*request.method(), Method::GET | Method::HEAD) {
+        require_json_content_type(request.headers())?;
+    }
+    Ok(identity)
+}
+
 /// The stream's token: the `Authorization: Bearer` header, else (for `EventSource`, which
 /// cannot send headers) the `access_token` query parameter, else the `access_token` cookie.
 pub(crate) fn stream_token<B>(request: &Request<B>) -> Result<String, ApiError> {
@@ -132,15 +156,18 @@ pub(crate) fn stream_token<B>(request: &Request<B>) -> Result<String, ApiError> 
     if let Some(token) = query_param(request, "access_token")? {
         return Ok(token);
     }
-    let cookie = request
-        .headers()
+    cookie_token(request.headers())
+        .map(str::to_owned)
+        .ok_or(ApiError::Unauthorized(MISSING_TOKEN))
+}
+
+/// The value of the first `access_token` cookie over every `Cookie` header, unless empty.
+fn cookie_token(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get_all(COOKIE)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(';'))
-        .find_map(|pair| pair.trim().strip_prefix("access_token="));
-    match cookie {
-        Some(token) if !token.is_empty() => Ok(token.to_owned()),
-        _ => Err(ApiError::Unauthorized(MISSING_TOKEN)),
-    }
+        .find_map(|pair| pair.trim().strip_prefix("access_token="))
+        .filter(|token| !token.is_empty())
 }

@@ -30,6 +30,8 @@ pub enum ApiError {
     RequestTimeout(Duration),
     /// 409: the resource is in a state that does not allow the request.
     Conflict(String),
+    /// 415: the body is not of the media type the endpoint needs; the text says which.
+    UnsupportedMediaType(&'static str),
     /// 422: a field is missing or has a value the endpoint cannot use.
     Unprocessable(String),
     /// 429: the user has too many open streams.
@@ -58,6 +60,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyStreams(_) | ApiError::TooManyJobs(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) | ApiError::NotRelayed(_) | ApiError::NotReady(_) => {
@@ -76,7 +79,9 @@ impl ApiError {
             | ApiError::NotRelayed(text)
             | ApiError::NotReady(text) => text.clone(),
             ApiError::Unauthorized(text) | ApiError::Forbidden(text) => (*text).to_owned(),
-            ApiError::Unavailable(text) => (*text).to_owned(),
+            ApiError::Unavailable(text) | ApiError::UnsupportedMediaType(text) => {
+                (*text).to_owned()
+            }
             ApiError::NotFound => "not found".to_owned(),
             ApiError::MethodNotAllowed(allow) => format!("method not allowed; use {allow}"),
             ApiError::PayloadTooLarge(what, limit) => {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Body;
-use hyper::header::CONTENT_LENGTH;
+use hyper::header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::Request;
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -69,6 +69,23 @@ pub async fn read_json(
     };
     serde_json::from_slice(&body)
         .map_err(|error| ApiError::BadRequest(format!("malformed JSON: {error}")))
+}
+
+/// Refuses (415) a request whose `Content-Type` is not `application/json` (parameters such as
+/// `charset` allowed). A cross-site HTML form can send only form and text types without a CORS
+/// preflight, so a cookie-authenticated POST that must be JSON cannot be forged by one.
+pub fn require_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let media_type = headers
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .map(str::trim);
+    match media_type {
+        Some(media_type) if media_type.eq_ignore_ascii_case("application/json") => Ok(()),
+        _ => Err(ApiError::UnsupportedMediaType(
+            "this request must be sent with content-type: application/json",
+        )),
+    }
 }
 
 /// The decoded value of the query parameter `name`, if present; 400 if it is not valid

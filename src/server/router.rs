@@ -11,7 +11,7 @@ use super::cors::{preflight, CorsGrant};
 use super::error::ApiError;
 use super::request::RequestBody;
 use super::response::{full_response, json_response, ResponseBody};
-use super::routes::{artifact, publish, stream};
+use super::routes::{artifact, dev_session, page, publish, stream};
 use super::state::AppState;
 use crate::log;
 use crate::panic::catch_unwind;
@@ -73,6 +73,9 @@ async fn route(
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = request.method();
     match segments.as_slice() {
+        // `/` trims to one empty segment.
+        [""] if method == Method::GET => Ok(page::page(&state, &request)),
+        [""] => Err(ApiError::MethodNotAllowed("GET")),
         ["healthz"] if method == Method::GET => {
             Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
         }
@@ -105,6 +108,12 @@ async fn route(
             artifact::cancel_job(&state, &request, job_id).await
         }
         ["ai", "artifact", "jobs", _, "cancel"] => Err(ApiError::MethodNotAllowed("POST")),
+        // Only in development mode: in production the route does not exist.
+        ["ai", "dev", "session"] if !state.config.development_secret => Err(ApiError::NotFound),
+        ["ai", "dev", "session"] if method == Method::POST => {
+            dev_session::create(&state, request).await
+        }
+        ["ai", "dev", "session"] => Err(ApiError::MethodNotAllowed("POST")),
         _ => Err(ApiError::NotFound),
     }
 }

@@ -1,4 +1,7 @@
 //! Artifact jobs: `POST /ai/artifact/generate`, `GET /ai/artifact/jobs[/{id}]`, and cancel.
+//!
+//! The caller is the bearer token's `sub`, or the `access_token` cookie's for the demo page
+//! (see `auth::user_identity`).
 
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Map, Value};
@@ -6,6 +9,7 @@ use serde_json::{json, Map, Value};
 use crate::config::{MAX_CONTENT_BYTES, MAX_GENERATE_BODY_BYTES};
 use crate::jobs::{ArtifactType, CancelOutcome, Job, JobFilter, JobStatus, StoreError};
 use crate::log;
+use crate::server::auth::user_identity;
 use crate::server::error::ApiError;
 use crate::server::request::{query_pairs, read_json, RequestBody};
 use crate::server::response::{json_response, ResponseBody};
@@ -32,7 +36,7 @@ pub(in crate::server) async fn generate(
     state: &AppState,
     request: Request<impl RequestBody>,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    let identity = state.auth.authenticate(request.headers())?;
+    let identity = user_identity(&state.auth, &request)?;
     let timeout = state.config.body_read_timeout;
     let body = read_json(request, MAX_GENERATE_BODY_BYTES, timeout).await?;
     let job = parse_generate_request(&identity.user_id, body)?;
@@ -61,7 +65,7 @@ pub(in crate::server) fn get_job(
     request: &Request<impl RequestBody>,
     job_id: &str,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    let identity = state.auth.authenticate(request.headers())?;
+    let identity = user_identity(&state.auth, request)?;
     match state.jobs.store().get(job_id).map_err(store_failure)? {
         Some(job) if job.user_id == identity.user_id => {
             Ok(json_response(StatusCode::OK, &job.to_json()))
@@ -75,7 +79,7 @@ pub(in crate::server) fn list_jobs(
     state: &AppState,
     request: &Request<impl RequestBody>,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    let identity = state.auth.authenticate(request.headers())?;
+    let identity = user_identity(&state.auth, request)?;
     let filter = parse_job_filter(request.uri().query().unwrap_or(""))?;
     let jobs = state
         .jobs
@@ -92,7 +96,7 @@ pub(in crate::server) async fn cancel_job(
     request: &Request<impl RequestBody>,
     job_id: &str,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    let identity = state.auth.authenticate(request.headers())?;
+    let identity = user_identity(&state.auth, request)?;
     match state
         .jobs
         .cancel(&identity.user_id, job_id)

@@ -1,5 +1,7 @@
 //! One module per resource.
 
 pub(crate) mod artifact;
+pub(super) mod dev_session;
+pub(super) mod page;
 pub(super) mod publish;
 pub(super) mod stream;
