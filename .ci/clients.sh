@@ -27,8 +27,10 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r examples/clients/python/requirements.txt
 
-echo "== clients: cargo build --release --features sqlite"
-cargo build --release --quiet --features sqlite --bin artifact-events
+# The debug build with every feature is the one `cargo test --all-features` (and the browser
+# test) already made: no second build of the server for this check.
+echo "== clients: cargo build --all-features (sqlite)"
+cargo build --quiet --all-features --bin artifact-events
 
 work=$(mktemp -d)
 check_pid=""
@@ -42,7 +44,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-timeout 300 python3 tests/clients/check.py --binary target/release/artifact-events \
+timeout 300 python3 tests/clients/check.py --binary target/debug/artifact-events \
   --python "$venv/bin/python" --work "$work" &
 check_pid=$!
 wait "$check_pid"

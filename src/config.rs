@@ -87,7 +87,7 @@ pub struct Config {
     /// The listening address (`ADDR`).
     pub addr: SocketAddr,
     /// The HMAC secret that signs and verifies JWTs (`JWT_SECRET`).
-    pub jwt_secret: String,
+    pub jwt_secret: Secret,
     /// True when `JWT_SECRET` was unset and `jwt_secret` is random for this run.
     pub development_secret: bool,
     /// The one JWT algorithm accepted (`JWT_ALGORITHM`: HS256, HS384 or HS512).
@@ -221,7 +221,7 @@ impl Config {
             addr: DEFAULT_ADDR
                 .parse()
                 .expect("DEFAULT_ADDR is a valid address"),
-            jwt_secret: jwt_secret.into(),
+            jwt_secret: Secret::new(jwt_secret),
             development_secret: false,
             jwt_algorithm: Algorithm::HS256,
             keepalive: Duration::from_secs(DEFAULT_KEEPALIVE_SECS),

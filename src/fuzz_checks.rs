@@ -308,7 +308,7 @@ impl FuzzServer {
             .build()
             .expect("a current-thread runtime builds");
         let config = Config::with_secret("fuzz-server-secret");
-        let auth = Authenticator::new(config.jwt_secret.as_bytes(), config.jwt_algorithm);
+        let auth = Authenticator::new(config.jwt_secret.expose().as_bytes(), config.jwt_algorithm);
         // Outlives any fuzzing run.
         let ttl = std::time::Duration::from_secs(365 * 86_400);
         FuzzServer {

@@ -243,12 +243,12 @@ fn signed_token(user_id: &str, publisher: bool, ttl: u64) -> Result<String, Stri
             "JWT_SECRET is not set; a token signed with a random secret would be useless".into(),
         );
     }
-    let auth = Authenticator::new(config.jwt_secret.as_bytes(), config.jwt_algorithm);
+    let auth = Authenticator::new(config.jwt_secret.expose().as_bytes(), config.jwt_algorithm);
     Ok(auth.issue(user_id, publisher, Duration::from_secs(ttl)))
 }
 
 fn print_development_banner(config: &Config, addr: std::net::SocketAddr) {
-    let auth = Authenticator::new(config.jwt_secret.as_bytes(), config.jwt_algorithm);
+    let auth = Authenticator::new(config.jwt_secret.expose().as_bytes(), config.jwt_algorithm);
     let ttl = Duration::from_secs(DEFAULT_TOKEN_TTL_SECS);
     let user_token = auth.issue("demo", false, ttl);
     let publisher_token = auth.issue("publisher", true, ttl);

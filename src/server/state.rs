@@ -83,7 +83,7 @@ impl AppState {
             bus.clone(),
             config.worker_config(),
         );
-        let auth = Authenticator::new(config.jwt_secret.as_bytes(), config.jwt_algorithm);
+        let auth = Authenticator::new(config.jwt_secret.expose().as_bytes(), config.jwt_algorithm);
         Arc::new(AppState {
             config,
             bus,

@@ -1,6 +1,6 @@
 """Runs the client examples (examples/clients/) against the real server, through restarts.
 
-    python3 tests/clients/check.py --binary target/release/artifact-events \
+    python3 tests/clients/check.py --binary target/debug/artifact-events \
         --python VENV/bin/python --work DIR
 
 The server is a build with the `sqlite` feature. Two scenarios, each with both clients
