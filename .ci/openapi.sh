@@ -55,7 +55,7 @@ echo "== OpenAPI: validate src/server/openapi.json"
 
 echo "== OpenAPI: build and start the server"
 cargo build --quiet --bin artifact-events
-binary=target/debug/artifact-events
+binary="${CARGO_TARGET_DIR:-target}/debug/artifact-events"
 # Only what this check sets: CI exports REDIS_URL for other steps, and a default build refuses it.
 env -u REDIS_URL -u DATABASE_PATH -u LOG_FORMAT -u LOG_LEVEL ADDR=127.0.0.1:0 \
   "$binary" 2>"$work/server.log" &
