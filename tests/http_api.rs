@@ -365,6 +365,17 @@ async fn unknown_paths_get_404_and_wrong_methods_get_405_with_allow() {
 }
 
 #[tokio::test]
+async fn the_openapi_document_is_served_as_json_without_a_token() {
+    let server = TestServer::start(config()).await;
+    let reply = send(server.addr, request("GET", "/openapi.json", None, "")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.headers["content-type"], "application/json");
+    assert_eq!(reply.body, include_str!("../src/server/openapi.json"));
+    assert_eq!(reply.json()["openapi"], "3.1.0");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn readiness_ends_when_shutdown_begins_while_liveness_stays() {
     let server = TestServer::start(config()).await;
     let ready = send(server.addr, request("GET", "/readyz", None, "")).await;

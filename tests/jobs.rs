@@ -696,6 +696,34 @@ async fn a_user_past_the_unfinished_job_cap_gets_429_while_others_are_served() {
 }
 
 #[tokio::test]
+async fn a_count_written_with_a_zero_fraction_is_the_integer_it_equals() {
+    // schemathesis sent `"options": {"num_cards": 29.0}`, which openapi.json's
+    // `"type": "integer"` accepts (JSON Schema compares values, not spellings), and the server
+    // refused it with 422.
+    let (server, token, mut client) = start_with_alice_listening(config(), OfflineGenerator).await;
+    submit(
+        &server,
+        &token,
+        generate_body("quiz", PHOTOSYNTHESIS, json!({"num_questions": 3.0})),
+    )
+    .await;
+    let completed = next_terminal_event(&mut client).await;
+    assert_eq!(
+        completed["result"]["questions"].as_array().unwrap().len(),
+        3
+    );
+    submit(
+        &server,
+        &token,
+        generate_body("flashcards", PHOTOSYNTHESIS, json!({"num_cards": 2.0})),
+    )
+    .await;
+    let completed = next_terminal_event(&mut client).await;
+    assert_eq!(completed["result"]["cards"].as_array().unwrap().len(), 2);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn jobs_are_listed_newest_first_and_filtered() {
     let (server, token, mut client) = start_with_alice_listening(config(), OfflineGenerator).await;
     let mut ids = Vec::new();

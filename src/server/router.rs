@@ -11,7 +11,7 @@ use super::cors::{preflight, CorsGrant};
 use super::error::ApiError;
 use super::request::RequestBody;
 use super::response::{full_response, json_response, ResponseBody};
-use super::routes::{artifact, dev_session, page, publish, stream};
+use super::routes::{artifact, dev_session, openapi, page, publish, stream};
 use super::state::AppState;
 use crate::log;
 use crate::panic::catch_unwind;
@@ -65,6 +65,61 @@ fn finish(
     response
 }
 
+/// A path the router answers, named as `openapi.json` names it, and the methods it allows.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Route {
+    /// The path template, e.g. `/ai/artifact/jobs/{job_id}`.
+    // Read only by the tests that hold `ROUTES` against the document.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) path: &'static str,
+    /// The methods, as a 405's `Allow` header lists them.
+    pub(crate) allow: &'static str,
+}
+
+impl Route {
+    const fn new(path: &'static str, allow: &'static str) -> Route {
+        Route { path, allow }
+    }
+
+    /// The 405 for a method this route does not allow.
+    fn not_allowed(self) -> ApiError {
+        ApiError::MethodNotAllowed(self.allow)
+    }
+}
+
+const PAGE: Route = Route::new("/", "GET");
+const HEALTHZ: Route = Route::new("/healthz", "GET");
+const READYZ: Route = Route::new("/readyz", "GET");
+const METRICS: Route = Route::new("/metrics", "GET");
+const OPENAPI: Route = Route::new("/openapi.json", "GET");
+const STREAM: Route = Route::new("/ai/artifact/events/stream", "GET");
+const PUBLISH: Route = Route::new("/ai/events/publish", "POST");
+const GENERATE: Route = Route::new("/ai/artifact/generate", "POST");
+const JOBS: Route = Route::new("/ai/artifact/jobs", "GET");
+const JOB: Route = Route::new("/ai/artifact/jobs/{job_id}", "GET");
+const CANCEL: Route = Route::new("/ai/artifact/jobs/{job_id}/cancel", "POST");
+/// Routed in development mode only; in production it answers 404.
+const DEV_SESSION: Route = Route::new("/ai/dev/session", "POST");
+
+/// Every route of `route`'s `match`. Its arms take their 405s from here, and a test holds the
+/// table against `openapi.json` and the router, so the three cannot drift apart: a new arm
+/// needs its `Route` here.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) const ROUTES: [Route; 12] = [
+    PAGE,
+    HEALTHZ,
+    READYZ,
+    METRICS,
+    OPENAPI,
+    STREAM,
+    PUBLISH,
+    GENERATE,
+    JOBS,
+    JOB,
+    CANCEL,
+    DEV_SESSION,
+];
+
 async fn route(
     state: Arc<AppState>,
     request: Request<impl RequestBody>,
@@ -75,45 +130,47 @@ async fn route(
     match segments.as_slice() {
         // `/` trims to one empty segment.
         [""] if method == Method::GET => Ok(page::page(&state, &request)),
-        [""] => Err(ApiError::MethodNotAllowed("GET")),
+        [""] => Err(PAGE.not_allowed()),
         ["healthz"] if method == Method::GET => {
             Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
         }
-        ["healthz"] => Err(ApiError::MethodNotAllowed("GET")),
+        ["healthz"] => Err(HEALTHZ.not_allowed()),
         ["readyz"] if method == Method::GET => ready(&state),
-        ["readyz"] => Err(ApiError::MethodNotAllowed("GET")),
+        ["readyz"] => Err(READYZ.not_allowed()),
         ["metrics"] if method == Method::GET => metrics(&state),
-        ["metrics"] => Err(ApiError::MethodNotAllowed("GET")),
+        ["metrics"] => Err(METRICS.not_allowed()),
+        ["openapi.json"] if method == Method::GET => Ok(openapi::document()),
+        ["openapi.json"] => Err(OPENAPI.not_allowed()),
         ["ai", "artifact", "events", "stream"] if method == Method::GET => {
             stream::open(&state, &request)
         }
-        ["ai", "artifact", "events", "stream"] => Err(ApiError::MethodNotAllowed("GET")),
+        ["ai", "artifact", "events", "stream"] => Err(STREAM.not_allowed()),
         ["ai", "events", "publish"] if method == Method::POST => {
             publish::publish(&state, request).await
         }
-        ["ai", "events", "publish"] => Err(ApiError::MethodNotAllowed("POST")),
+        ["ai", "events", "publish"] => Err(PUBLISH.not_allowed()),
         ["ai", "artifact", "generate"] if method == Method::POST => {
             artifact::generate(&state, request).await
         }
-        ["ai", "artifact", "generate"] => Err(ApiError::MethodNotAllowed("POST")),
+        ["ai", "artifact", "generate"] => Err(GENERATE.not_allowed()),
         ["ai", "artifact", "jobs"] if method == Method::GET => {
             artifact::list_jobs(&state, &request)
         }
-        ["ai", "artifact", "jobs"] => Err(ApiError::MethodNotAllowed("GET")),
+        ["ai", "artifact", "jobs"] => Err(JOBS.not_allowed()),
         ["ai", "artifact", "jobs", job_id] if method == Method::GET => {
             artifact::get_job(&state, &request, job_id)
         }
-        ["ai", "artifact", "jobs", _] => Err(ApiError::MethodNotAllowed("GET")),
+        ["ai", "artifact", "jobs", _] => Err(JOB.not_allowed()),
         ["ai", "artifact", "jobs", job_id, "cancel"] if method == Method::POST => {
             artifact::cancel_job(&state, &request, job_id).await
         }
-        ["ai", "artifact", "jobs", _, "cancel"] => Err(ApiError::MethodNotAllowed("POST")),
+        ["ai", "artifact", "jobs", _, "cancel"] => Err(CANCEL.not_allowed()),
         // Only in development mode: in production the route does not exist.
         ["ai", "dev", "session"] if !state.config.development_secret => Err(ApiError::NotFound),
         ["ai", "dev", "session"] if method == Method::POST => {
             dev_session::create(&state, request).await
         }
-        ["ai", "dev", "session"] => Err(ApiError::MethodNotAllowed("POST")),
+        ["ai", "dev", "session"] => Err(DEV_SESSION.not_allowed()),
         _ => Err(ApiError::NotFound),
     }
 }
@@ -144,4 +201,203 @@ fn metrics(state: &AppState) -> Result<Response<ResponseBody>, ApiError> {
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    //! `ROUTES`, `openapi.json` and the router agree: every route is documented with exactly
+    //! its methods, every documented operation is routed, and any other method answers 405.
+
+    use std::collections::BTreeSet;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
+    use hyper_util::rt::TokioIo;
+    use serde_json::Value;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::config::Config;
+    use crate::events::EventBus;
+    use crate::server::routes::openapi::DOCUMENT;
+
+    /// The methods an OpenAPI path item can hold, but `OPTIONS`: every known path answers it
+    /// as the CORS preflight, and the document leaves it out.
+    const METHODS: [&str; 7] = ["GET", "PUT", "POST", "DELETE", "PATCH", "HEAD", "TRACE"];
+    /// How long any one answer may take before the test fails.
+    const PATIENCE: Duration = Duration::from_secs(10);
+    /// Stands for `{job_id}` where no job is needed.
+    const ANY_JOB_ID: &str = "00000000000000000000000000000000";
+
+    fn document() -> Value {
+        serde_json::from_str(DOCUMENT).expect("openapi.json is JSON")
+    }
+
+    /// The methods the document lists for `path`, upper-case.
+    fn documented_methods(document: &Value, path: &str) -> BTreeSet<String> {
+        let item = document["paths"][path].as_object().expect("a path item");
+        item.keys()
+            .map(|key| key.to_uppercase())
+            .filter(|method| METHODS.contains(&method.as_str()) || method == "OPTIONS")
+            .collect()
+    }
+
+    fn allow_list(value: &str) -> BTreeSet<String> {
+        value.split(", ").map(str::to_owned).collect()
+    }
+
+    /// The example JSON body of an operation, if it takes one.
+    fn example_body(operation: &Value) -> Option<&Value> {
+        operation
+            .pointer("/requestBody/content/application~1json/example")
+            .filter(|example| !example.is_null())
+    }
+
+    /// The real server, on 127.0.0.1:0, until the test's runtime ends.
+    async fn serve() -> (SocketAddr, Arc<AppState>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Development mode, where every route exists (`/ai/dev/session` only answers there).
+        let mut config = Config::with_secret("router-test-secret-of-32-bytes-at-least");
+        config.development_secret = true;
+        let state = AppState::new(config, Arc::new(EventBus::new()));
+        tokio::spawn(crate::server::run(
+            listener,
+            state.clone(),
+            std::future::pending(),
+        ));
+        (addr, state)
+    }
+
+    /// Sends one request on a new connection; the body stays unread (a stream never ends).
+    async fn send(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<&Value>,
+    ) -> Response<Incoming> {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost")
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::new(Bytes::from(
+                body.map(Value::to_string).unwrap_or_default(),
+            )))
+            .unwrap();
+        tokio::time::timeout(PATIENCE, sender.send_request(request))
+            .await
+            .expect("an answer in time")
+            .unwrap()
+    }
+
+    #[test]
+    fn every_route_is_documented_with_exactly_its_methods() {
+        let document = document();
+        let paths = document["paths"].as_object().expect("paths");
+        for route in ROUTES {
+            assert!(
+                paths.contains_key(route.path),
+                "{} is routed but not documented",
+                route.path
+            );
+            assert_eq!(
+                documented_methods(&document, route.path),
+                allow_list(route.allow),
+                "the methods of {}",
+                route.path
+            );
+        }
+        for path in paths.keys() {
+            assert!(
+                ROUTES.iter().any(|route| route.path == path),
+                "{path} is documented but not in ROUTES"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn every_documented_operation_is_routed_and_answers_a_documented_status() {
+        let document = document();
+        let (addr, state) = serve().await;
+        // A publisher's token is a valid token on every route, publish included.
+        let token = state
+            .auth
+            .issue("router-test", true, Duration::from_secs(600));
+        // A real job, so that the job routes answer with it, not with a 404 for a missing job.
+        let generate = &document["paths"]["/ai/artifact/generate"]["post"];
+        let queued = send(
+            addr,
+            "POST",
+            "/ai/artifact/generate",
+            &token,
+            example_body(generate),
+        )
+        .await;
+        assert_eq!(queued.status(), StatusCode::ACCEPTED);
+        let queued = queued.into_body().collect().await.unwrap().to_bytes();
+        let queued: Value = serde_json::from_slice(&queued).unwrap();
+        let job_id = queued["job_id"].as_str().expect("a job id");
+
+        let mut operations = 0;
+        for (path, item) in document["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                let method = method.to_uppercase();
+                if !METHODS.contains(&method.as_str()) {
+                    continue;
+                }
+                let target = path.replace("{job_id}", job_id);
+                let response = send(addr, &method, &target, &token, example_body(operation)).await;
+                let status = response.status();
+                assert!(
+                    status != StatusCode::NOT_FOUND && status != StatusCode::METHOD_NOT_ALLOWED,
+                    "{method} {path} is documented but answers {status}"
+                );
+                assert!(
+                    operation["responses"].get(status.as_str()).is_some(),
+                    "{method} {path} answers {status}, which its responses do not list"
+                );
+                operations += 1;
+            }
+        }
+        assert_eq!(operations, ROUTES.len());
+    }
+
+    #[tokio::test]
+    async fn a_documented_path_answers_other_methods_with_405_and_its_methods_in_allow() {
+        let document = document();
+        let (addr, state) = serve().await;
+        let token = state
+            .auth
+            .issue("router-test", true, Duration::from_secs(600));
+        for path in document["paths"].as_object().unwrap().keys() {
+            let documented = documented_methods(&document, path);
+            let target = path.replace("{job_id}", ANY_JOB_ID);
+            for method in METHODS
+                .iter()
+                .filter(|method| !documented.contains(**method))
+            {
+                let response = send(addr, method, &target, &token, None).await;
+                assert_eq!(
+                    response.status(),
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "{method} {path}"
+                );
+                let allow = response.headers()["allow"].to_str().unwrap();
+                assert_eq!(allow_list(allow), documented, "Allow of {method} {path}");
+            }
+            let preflight = send(addr, "OPTIONS", &target, &token, None).await;
+            assert_eq!(preflight.status(), StatusCode::NO_CONTENT, "OPTIONS {path}");
+            let allow = preflight.headers()["allow"].to_str().unwrap();
+            assert_eq!(allow_list(allow), documented, "Allow of OPTIONS {path}");
+        }
+    }
 }

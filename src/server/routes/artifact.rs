@@ -191,14 +191,17 @@ fn parse_options(artifact_type: ArtifactType, options: Option<&Value>) -> Result
                 "unknown field `options.{key}`: {expected}"
             )));
         }
+        // Any number without a fraction, `3.0` too: JSON Schema's `integer`, as openapi.json
+        // promises it, is a value, not a spelling.
         count = value
-            .as_u64()
-            .filter(|n| (1..=MAX_ITEMS).contains(n))
+            .as_f64()
+            .filter(|n| n.fract() == 0.0 && (1.0..=MAX_ITEMS as f64).contains(n))
+            .map(|n| n as usize)
             .ok_or_else(|| {
                 invalid(format!(
                     "`options.{key}` must be an integer from 1 to {MAX_ITEMS}"
                 ))
-            })? as usize;
+            })?;
     }
     Ok(count)
 }

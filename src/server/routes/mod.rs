@@ -2,6 +2,7 @@
 
 pub(crate) mod artifact;
 pub(super) mod dev_session;
+pub(crate) mod openapi;
 pub(super) mod page;
 pub(super) mod publish;
 pub(super) mod stream;
