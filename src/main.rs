@@ -253,6 +253,6 @@ fn print_development_banner(config: &Config, addr: std::net::SocketAddr) {
     let user_token = auth.issue("demo", false, ttl);
     let publisher_token = auth.issue("publisher", true, ttl);
     eprintln!(
-        "\n  Stream events for user demo:\n    curl -N -H 'Authorization: Bearer {user_token}' http://{addr}/ai/artifact/events/stream\n\n  Publish one:\n    curl -X POST -H 'Authorization: Bearer {publisher_token}' -H 'Content-Type: application/json' \\\n      -d '{{\"event_type\":\"artifact.completed\",\"event_data\":{{\"user_id\":\"demo\",\"job_id\":\"j1\",\"result\":{{}}}}}}' \\\n      http://{addr}/ai/events/publish\n"
+        "\n  Open the demo page: http://{addr}/\n\n  Stream events for user demo:\n    curl -N -H 'Authorization: Bearer {user_token}' http://{addr}/ai/artifact/events/stream\n\n  Publish one:\n    curl -X POST -H 'Authorization: Bearer {publisher_token}' -H 'Content-Type: application/json' \\\n      -d '{{\"event_type\":\"artifact.completed\",\"event_data\":{{\"user_id\":\"demo\",\"job_id\":\"j1\",\"result\":{{}}}}}}' \\\n      http://{addr}/ai/events/publish\n"
     );
 }
