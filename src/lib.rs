@@ -11,8 +11,9 @@
 //! - [`backends`]: what plugs into the core's seams (SQLite, Redis), chosen once at start-up.
 //! - [`metrics`]: counters for `GET /metrics`, in the Prometheus text format.
 //! - [`config`]: settings with named defaults, read from the environment.
-//! - [`http_client`]: the one outbound HTTP client (JWKS, webhooks, model servers): timeouts,
-//!   a capped body, no redirects, an address policy against SSRF.
+//! - [`secret`]: `Secret`, a value (API key, signing secret) whose `Debug` never prints it.
+//! - [`http_client`]: the one client for outbound requests (model servers; later JWKS and
+//!   webhooks): timeouts, a capped body, no redirects, an address policy against SSRF.
 //! - [`listen`]: the `listen` command's client, which prints a user's events as they arrive.
 //! - `fuzz_checks` (feature `fuzzing`): the fuzz targets' checks, shared with the corpus replay.
 
@@ -29,6 +30,7 @@ pub(crate) mod log;
 pub mod metrics;
 pub(crate) mod panic;
 pub(crate) mod random;
+pub mod secret;
 pub mod server;
 pub mod sse;
 pub(crate) mod time;

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use artifact_events::backends::tls::RustlsConnector;
-use artifact_events::config::{OpenAiSettings, Secret};
 use artifact_events::http_client::TlsConnector;
+use artifact_events::jobs::generator::OpenAiSettings;
 use artifact_events::jobs::OpenAiGenerator;
+use artifact_events::secret::Secret;
 use common::model_server::{quiz, ModelServer, Reply};
 use common::{config, request, send, SseClient, TestServer};
 use hyper::StatusCode;

@@ -207,7 +207,7 @@ mod tests {
             assert!(error.contains("--features redis"), "{error}");
         }
         config.redis = None;
-        let mut openai = crate::config::OpenAiSettings {
+        let mut openai = crate::jobs::generator::OpenAiSettings {
             base_url: "http://127.0.0.1:11434/v1".to_owned(),
             api_key: None,
             model: "llama3.2".to_owned(),

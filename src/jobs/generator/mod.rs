@@ -6,7 +6,7 @@ mod offline;
 mod openai;
 
 pub use offline::OfflineGenerator;
-pub use openai::OpenAiGenerator;
+pub use openai::{OpenAiGenerator, OpenAiSettings};
 
 use std::fmt;
 use std::sync::Arc;
