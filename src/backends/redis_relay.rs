@@ -108,9 +108,10 @@ impl RedisRelay {
         stream_settings: StreamSettings,
     ) -> Result<Arc<StreamIndex>, String> {
         let client = Client::open(settings.url.as_str())
-            .map_err(|error| format!("REDIS_URL {}: {error}", settings.url))?;
-        let unreachable =
-            |error: RedisError| format!("Redis at {} is unreachable: {error}", settings.url);
+            .map_err(|error| format!("REDIS_URL {}: {error}", settings.shown_url()))?;
+        let unreachable = |error: RedisError| {
+            format!("Redis at {} is unreachable: {error}", settings.shown_url())
+        };
         let mut writer = connect(&client, COMMAND_TIMEOUT)
             .await
             .map_err(unreachable)?;
@@ -142,7 +143,7 @@ impl RedisRelay {
         log::info!(
             "events cross processes through Redis stream {:?} at {}",
             relay.settings.stream_key,
-            relay.settings.url
+            relay.settings.shown_url()
         );
         tokio::spawn(relay.read_loop(reader, last_read));
         Ok(streams)
@@ -258,7 +259,7 @@ impl RedisRelay {
             outage.down = true;
             log::error!(
                 "cannot use Redis at {} ({error}): delivering events locally and keeping them for the other processes until it is back",
-                self.settings.url
+                self.settings.shown_url()
             );
         }
         drop(outage);
@@ -306,7 +307,7 @@ impl RedisRelay {
         }
         log::info!(
             "Redis at {} is back: appended the {flushed} events published meanwhile",
-            self.settings.url
+            self.settings.shown_url()
         );
         Ok(reader)
     }
