@@ -19,9 +19,8 @@ const MAX_COALESCED_BYTES: usize = 64 * 1024;
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct QueueFull;
 
-/// A queue of encoded frames between the index (which pushes) and one stream's body (which
-/// pops), bounded in frames and in bytes. Small on purpose: an idle stream holds only a few
-/// pointers and a short deque, which is what keeps memory per idle stream low.
+/// A queue of encoded frames from the index to one stream's body, bounded in frames and bytes;
+/// small on purpose, since an idle stream holds little more than this.
 pub(super) struct FrameQueue {
     /// Guards the frames and the body's waker. A std `Mutex`: push and pop are O(1) and it is
     /// never held across an `.await`.
@@ -32,8 +31,10 @@ pub(super) struct FrameQueue {
 
 #[derive(Default)]
 struct QueueState {
+    /// The connected frame and the replay: sent first, outside the bounds that `frames` keep.
+    first: VecDeque<Bytes>,
     frames: VecDeque<Bytes>,
-    /// The queued frames' length in all.
+    /// The length of `frames` in all.
     bytes: usize,
     /// The body's task, woken when a frame arrives or the queue closes.
     waker: Option<Waker>,
@@ -42,19 +43,17 @@ struct QueueState {
 }
 
 impl FrameQueue {
-    /// A queue holding `first` (a stream's connected frame and replay) with room for
-    /// `max_frames` more frames of `max_bytes` in all (but always for one frame, however
-    /// large, so that no event is too big to ever be sent).
-    pub(super) fn new(first: Vec<Bytes>, max_frames: usize, max_bytes: usize) -> Arc<Self> {
-        let bytes: usize = first.iter().map(Bytes::len).sum();
+    /// A queue holding `first`, with room for `max_frames` more frames of `max_bytes` in all
+    /// (but always for one, however large, so that no event is too big to ever be sent).
+    pub(super) fn new(first: VecDeque<Bytes>, max_frames: usize, max_bytes: usize) -> Arc<Self> {
+        let state = Mutex::new(QueueState {
+            first,
+            ..QueueState::default()
+        });
         Arc::new(FrameQueue {
-            max_frames: max_frames + first.len(),
-            max_bytes: max_bytes + bytes,
-            state: Mutex::new(QueueState {
-                frames: first.into(),
-                bytes,
-                ..QueueState::default()
-            }),
+            state,
+            max_frames,
+            max_bytes,
         })
     }
 
@@ -100,10 +99,17 @@ impl<R: Unpin> Body for SseBody<R> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let mut state = lock(&self.queue.state);
-        if let Some(first) = state.frames.pop_front() {
-            let chunk = coalesce(first, &mut state.frames);
-            state.bytes -= chunk.len();
+        let mut guard = lock(&self.queue.state);
+        let state = &mut *guard;
+        let live = state.first.is_empty();
+        let queue = if live {
+            &mut state.frames
+        } else {
+            &mut state.first
+        };
+        if let Some(first) = queue.pop_front() {
+            let chunk = coalesce(first, queue);
+            state.bytes -= if live { chunk.len() } else { 0 };
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         if state.closed {
@@ -142,7 +148,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_refuses_frames_until_one_is_taken() {
-        let queue = FrameQueue::new(Vec::new(), 2, 1024);
+        let queue = FrameQueue::new(VecDeque::new(), 2, 1024);
         assert_eq!(queue.push(Bytes::from_static(b"a")), Ok(()));
         assert_eq!(queue.push(Bytes::from_static(b"b")), Ok(()));
         assert_eq!(queue.push(Bytes::from_static(b"c")), Err(QueueFull));
@@ -155,18 +161,38 @@ mod tests {
 
     #[test]
     fn a_queue_is_bounded_in_bytes_but_always_takes_one_frame() {
-        let queue = FrameQueue::new(Vec::new(), 100, 10);
+        let queue = FrameQueue::new(VecDeque::new(), 100, 10);
         assert_eq!(
             queue.push(Bytes::from(vec![b'x'; 64])),
             Ok(()),
             "one frame always fits"
         );
         assert_eq!(queue.push(Bytes::from_static(b"y")), Err(QueueFull));
-        // A replay comes on top of the bounds.
-        let replay = vec![Bytes::from(vec![b'r'; 100]), Bytes::from_static(b"s")];
-        let queue = FrameQueue::new(replay, 100, 10);
+    }
+
+    #[test]
+    fn the_replay_comes_on_top_of_the_bounds_which_hold_again_once_it_is_sent() {
+        let replay = [Bytes::from(vec![b'r'; 100]), Bytes::from_static(b"s")];
+        let queue = FrameQueue::new(replay.into(), 100, 10);
         assert_eq!(queue.push(Bytes::from(vec![b'z'; 6])), Ok(()));
         assert_eq!(queue.push(Bytes::from(vec![b'z'; 4])), Ok(()));
+        assert_eq!(queue.push(Bytes::from_static(b"!")), Err(QueueFull));
+        let mut body = SseBody {
+            queue: queue.clone(),
+            _registration: (),
+        };
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut next_chunk = || match Pin::new(&mut body).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap().len(),
+            other => panic!("expected a chunk, got {other:?}"),
+        };
+        assert_eq!(next_chunk(), 101, "the replay first, joined");
+        assert_eq!(next_chunk(), 10, "then the live frames");
+        assert_eq!(
+            queue.push(Bytes::from(vec![b'z'; 10])),
+            Ok(()),
+            "room again"
+        );
         assert_eq!(queue.push(Bytes::from_static(b"!")), Err(QueueFull));
     }
 

@@ -1,7 +1,7 @@
 //! The `user_id → open streams` index: records each event in the replay history (which gives
 //! it its id) and queues its frame on that user's streams only.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,11 +46,8 @@ pub enum StreamLimitError {
 /// An open stream's response body, as [`StreamIndex::open`] returns it.
 pub type EventStream = SseBody<Registration>;
 
-/// Routes events to the open streams of the event's `user_id`.
-///
-/// Publishing costs in proportion to the recipients: one bus subscription (to every event type)
-/// looks the user up in a map, encodes the frame once, and hands each of that user's streams a
-/// reference-counted copy of the same bytes.
+/// Routes events to the open streams of the event's `user_id`, at a cost in proportion to the
+/// recipients: one map lookup, one encode, and a shared copy of the bytes for each stream.
 pub struct StreamIndex {
     /// Guards the streams and the history together, so that an id's order, its place in the
     /// history and its place in every live queue agree; that is what makes a replay followed
@@ -152,15 +149,15 @@ impl StreamIndex {
             }
             let replay =
                 last_event_id.map(|last| state.history.since(user_id, last, Instant::now()));
-            let mut first_frames = vec![connected];
+            let mut first_frames = VecDeque::from([connected]);
             if let Some(replay) = &replay {
                 if !replay.complete {
                     let notice =
                         json!({"type": "replay_incomplete", "last_event_id": last_event_id});
-                    first_frames.push(encoder::encode_data(&notice.to_string()));
+                    first_frames.push_back(encoder::encode_data(&notice.to_string()));
                 }
                 for event in &replay.events {
-                    first_frames.push(event.frame.clone());
+                    first_frames.push_back(event.frame.clone());
                     self.metrics.count_replay(&event.event_type);
                 }
             }

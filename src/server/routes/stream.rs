@@ -49,7 +49,7 @@ pub(in crate::server) fn open(
         })?;
     let mut response = Response::new(Either::Right(body));
     // hyper keeps a connection's last response header map for reuse, for as long as the
-    // stream is open: sized for these three headers, it holds half of a default map.
+    // stream is open: sized for these three headers, it holds no more than they need.
     *response.headers_mut() = HeaderMap::with_capacity(3);
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
