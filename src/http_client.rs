@@ -1,4 +1,5 @@
-//! The one outbound HTTP client (for JWKS, webhooks and the LLM generator): a request in, a whole
+//! The one client for outbound requests (model servers now; JWKS and webhooks are to use it too;
+//! `listen`, which streams, has its own): a request in, a whole
 //! response out, over HTTP/1.1 on a fresh TCP connection per request.
 //!
 //! Invariants:

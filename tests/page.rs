@@ -316,6 +316,27 @@ async fn the_development_session_does_not_exist_outside_development_mode() {
 }
 
 #[tokio::test]
+async fn a_development_server_on_a_public_address_signs_nobody_in() {
+    // JWT_SECRET forgotten on a server that listens beyond this machine: the network must not
+    // be able to act as any user.
+    let mut settings = config();
+    settings.development_secret = true;
+    settings.addr = "0.0.0.0:8000".parse().unwrap();
+    let server = TestServer::start(settings).await;
+    let body = json!({"user_id": "ada"}).to_string();
+    let reply = send(
+        server.addr,
+        browser_request("POST", SESSION, None, Some("application/json"), body),
+    )
+    .await;
+    assert_eq!(reply.expect_error(StatusCode::NOT_FOUND), "not found");
+    assert!(!reply.headers.contains_key("set-cookie"));
+    let page = send(server.addr, browser_request("GET", "/", None, None, "")).await;
+    assert!(page_text(&page).contains("data-development-mode=\"false\""));
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_cookie_authenticated_post_without_a_json_content_type_is_refused() {
     let server = development_server().await;
     let cookie = sign_in(&server, "ada").await;

@@ -9,12 +9,12 @@ use std::task::Poll;
 
 use serde_json::Value;
 
-use super::relay::{PublishResult, Relay};
+use super::relay::{BoxFuture, PublishResult, Relay};
 use super::EventType;
 use crate::log;
 use crate::panic::{catch_unwind, lock, panic_message, CatchUnwind};
 
-type HandlerFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+type HandlerFuture = BoxFuture<'static, ()>;
 type HandlerFn = dyn Fn(&EventType, Arc<Value>) -> HandlerFuture + Send + Sync;
 
 /// An async function of the event data; clones are the same handler for `unsubscribe`.

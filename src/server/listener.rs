@@ -184,9 +184,10 @@ async fn wind_down(
     match state.jobs.store().queued_ids() {
         Ok(queued) if queued.is_empty() => {}
         Ok(queued) => log::warning!(
-            "{} queued jobs were not started: {}",
+            "{} queued jobs were not started: {}{}",
             queued.len(),
-            queued.join(", ")
+            queued[..queued.len().min(10)].join(", "),
+            if queued.len() > 10 { ", …" } else { "" }
         ),
         Err(error) => log::error!("cannot list queued jobs: {error}"),
     }

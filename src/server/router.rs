@@ -101,9 +101,9 @@ const CANCEL: Route = Route::new("/ai/artifact/jobs/{job_id}/cancel", "POST");
 /// Routed in development mode only; in production it answers 404.
 const DEV_SESSION: Route = Route::new("/ai/dev/session", "POST");
 
-/// Every route of `route`'s `match`. Its arms take their 405s from here, and a test holds the
-/// table against `openapi.json` and the router, so the three cannot drift apart: a new arm
-/// needs its `Route` here.
+/// Every route of `route`'s `match`, whose 405 arms take their `Allow` from these same
+/// constants; a test holds the table against `openapi.json` and the router, so the three cannot
+/// drift apart: a new arm needs its `Route` here.
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) const ROUTES: [Route; 12] = [
     PAGE,
@@ -166,7 +166,7 @@ async fn route(
         }
         ["ai", "artifact", "jobs", _, "cancel"] => Err(CANCEL.not_allowed()),
         // Only in development mode: in production the route does not exist.
-        ["ai", "dev", "session"] if !state.config.development_secret => Err(ApiError::NotFound),
+        ["ai", "dev", "session"] if !state.config.dev_sessions() => Err(ApiError::NotFound),
         ["ai", "dev", "session"] if method == Method::POST => {
             dev_session::create(&state, request).await
         }

@@ -44,10 +44,11 @@ pub(in crate::server) async fn generate(
     let artifact_type = job.artifact_type.as_str();
     state.jobs.submit(job).map_err(|error| match error {
         StoreError::UserAtLimit(max) => ApiError::TooManyJobs(max),
-        error => {
-            log::error!("cannot queue a job: {error}");
+        StoreError::Full(why) => {
+            log::warning!("cannot queue a job: the job store is full: {why}");
             ApiError::Unavailable("the job store cannot take more jobs now")
         }
+        error @ StoreError::Failed(_) => store_failure(error),
     })?;
     log::info!(
         "job {job_id} ({artifact_type}) queued for user {}",

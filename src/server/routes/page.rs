@@ -39,7 +39,7 @@ pub(in crate::server) fn page(
         .replace(NONCE_PLACEHOLDER, &nonce)
         .replace(
             DEVELOPMENT_MODE_PLACEHOLDER,
-            bool_text(state.config.development_secret),
+            bool_text(state.config.dev_sessions()),
         )
         .replace(SESSION_PLACEHOLDER, bool_text(session));
     let mut response = full_response(Bytes::from(html));
