@@ -214,19 +214,15 @@ async fn a_client_that_goes_away_is_removed_from_the_index() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_stalled_client_of_large_events_is_disconnected_by_bytes_long_before_frames() {
-    let mut settings = config();
-    // Out of reach: only the byte bound can disconnect this client.
-    settings.stream_queue_capacity = 1_000_000;
-    settings.stream_queue_max_bytes = 256 * 1024;
-    let server = TestServer::start(settings).await;
+/// Opens `user`'s stream on a socket that never reads, with a tiny receive window so that the
+/// kernel's buffers fill quickly; returns once the server has registered the stream.
+async fn open_stalled_stream(server: &TestServer, user: &str) -> tokio::net::TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stalled = socket.connect(server.addr).await.unwrap();
     let head = format!(
         "GET /ai/artifact/events/stream HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\r\n",
-        server.token("sleepy")
+        server.token(user)
     );
     stalled.write_all(head.as_bytes()).await.unwrap();
     server
@@ -234,6 +230,17 @@ async fn a_stalled_client_of_large_events_is_disconnected_by_bytes_long_before_f
             state.streams.stream_count() == 1
         })
         .await;
+    stalled
+}
+
+#[tokio::test]
+async fn a_stalled_client_of_large_events_is_disconnected_by_bytes_long_before_frames() {
+    let mut settings = config();
+    // Out of reach: only the byte bound can disconnect this client.
+    settings.stream_queue_capacity = 1_000_000;
+    settings.stream_queue_max_bytes = 256 * 1024;
+    let server = TestServer::start(settings).await;
+    let _stalled = open_stalled_stream(&server, "sleepy").await;
     let padding = "x".repeat(64 * 1024);
     let mut published = 0;
     while server.state.metrics.slow_consumer_disconnects() == 0 {
@@ -259,20 +266,7 @@ async fn a_client_that_stops_reading_is_disconnected_instead_of_growing_memory()
     let mut settings = config();
     settings.stream_queue_capacity = 16;
     let server = TestServer::start(settings).await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    // A tiny receive window so the kernel buffers fill quickly.
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stalled = socket.connect(server.addr).await.unwrap();
-    let head = format!(
-        "GET /ai/artifact/events/stream HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\r\n",
-        server.token("sleepy")
-    );
-    stalled.write_all(head.as_bytes()).await.unwrap();
-    server
-        .wait_until("the stream is open", |state| {
-            state.streams.stream_count() == 1
-        })
-        .await;
+    let mut stalled = open_stalled_stream(&server, "sleepy").await;
 
     let mut reader = SseClient::connected(server.addr, &server.token("awake")).await;
     let padding = "x".repeat(16 * 1024);
