@@ -1,5 +1,21 @@
 //! artifact-events: realtime notifications that a generated artifact is ready or has failed.
 //!
+//! In process, the bus is all there is to it: every handler of a type runs for each event.
+//!
+//! ```
+//! use artifact_events::{EventBus, EventType, Handler};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let bus = EventBus::new();
+//! let handler = Handler::new(|event_data| async move { println!("{event_data}") });
+//! bus.subscribe(EventType::COMPLETED, handler.clone());
+//! let event = serde_json::json!({"user_id": "u1", "job_id": "j1"});
+//! assert_eq!(bus.publish(&EventType::COMPLETED, event).await, 1);
+//! assert!(bus.unsubscribe(&EventType::COMPLETED, &handler));
+//! # }
+//! ```
+//!
 //! # Layout
 //! - [`events`]: `EventType`, the publish/subscribe [`events::EventBus`] and `get_event_bus()`.
 //! - [`delivery`]: the per-user stream index, the replay history (where event ids are
