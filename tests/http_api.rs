@@ -83,6 +83,16 @@ async fn every_bad_credential_gets_401_with_a_bearer_challenge() {
         Algorithm::HS256,
         SECRET,
     );
+    let blank_sub = sign(
+        &json!({"sub": " \t", "exp": in_an_hour()}),
+        Algorithm::HS256,
+        SECRET,
+    );
+    let not_yet = sign(
+        &json!({"sub": "alice", "exp": in_an_hour() + 3600, "nbf": in_an_hour()}),
+        Algorithm::HS256,
+        SECRET,
+    );
     let no_exp = sign(&json!({"sub": "alice"}), Algorithm::HS256, SECRET);
     let alg_none = format!(
         "{}.{}.",
@@ -132,6 +142,14 @@ async fn every_bad_credential_gets_401_with_a_bearer_challenge() {
             "token has no sub claim",
         ),
         (Some(format!("Bearer {no_exp}")), "token has no exp claim"),
+        (
+            Some(format!("Bearer {blank_sub}")),
+            "token has no sub claim",
+        ),
+        (
+            Some(format!("Bearer {not_yet}")),
+            "token is not valid yet (nbf)",
+        ),
     ];
     for (authorization, reason) in &cases {
         expect_unauthorized(&server, authorization.as_deref(), reason).await;
@@ -142,6 +160,20 @@ async fn every_bad_credential_gets_401_with_a_bearer_challenge() {
     let mut client = SseClient::connect(server.addr, &good).await;
     assert_eq!(client.status, 200);
     assert!(client.next_frame().await.unwrap().contains("\"alice\""));
+    // The scheme is matched without regard to case (RFC 7235).
+    let jobs = |scheme: &str| {
+        let mut get = request("GET", "/ai/artifact/jobs", None, "");
+        let value = format!("{scheme} {good}").parse().unwrap();
+        get.headers_mut().insert("authorization", value);
+        get
+    };
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        assert_eq!(
+            send(server.addr, jobs(scheme)).await.status,
+            StatusCode::OK,
+            "{scheme}"
+        );
+    }
     server.stop().await;
 }
 

@@ -54,6 +54,8 @@ impl Authenticator {
         // asymmetric one keyed with our secret) can never choose how it is checked.
         let mut validation = Validation::new(algorithm);
         validation.leeway = EXPIRY_LEEWAY_SECS;
+        // A token that is not valid yet is refused too, within the same leeway.
+        validation.validate_nbf = true;
         Authenticator {
             algorithm,
             encoding_key: EncodingKey::from_secret(secret),
@@ -85,6 +87,7 @@ impl Authenticator {
             .map_err(|error| {
                 ApiError::Unauthorized(match error.kind() {
                     ErrorKind::ExpiredSignature => "token has expired",
+                    ErrorKind::ImmatureSignature => "token is not valid yet (nbf)",
                     ErrorKind::InvalidSignature => "token signature is invalid",
                     ErrorKind::InvalidAlgorithm => "token algorithm is not accepted",
                     ErrorKind::MissingRequiredClaim(_) => "token has no exp claim",
@@ -92,9 +95,10 @@ impl Authenticator {
                 })
             })?
             .claims;
+        // A blank `sub` names nobody: refused like a missing one.
         let user_id = claims
             .sub
-            .filter(|sub| !sub.is_empty())
+            .filter(|sub| !sub.trim().is_empty())
             .ok_or(ApiError::Unauthorized("token has no sub claim"))?;
         Ok(Identity {
             user_id,
@@ -108,13 +112,13 @@ pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
     let value = headers
         .get(AUTHORIZATION)
         .ok_or(ApiError::Unauthorized(MISSING_TOKEN))?;
+    // The scheme is case-insensitive (RFC 7235 §2.1): `BEARER`, `bearer` and `Bearer` alike.
     value
         .to_str()
         .ok()
         .and_then(|value| {
-            value
-                .strip_prefix("Bearer ")
-                .or_else(|| value.strip_prefix("bearer "))
+            let (scheme, token) = value.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(token)
         })
         .map(str::trim)
         .filter(|token| !token.is_empty())
