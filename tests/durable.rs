@@ -20,18 +20,7 @@ const SLOW_GENERATOR_MS: &str = "60000";
 
 async fn submit(server: &RunningServer, token: &str) -> String {
     let body = json!({"notebook_id": "nb", "artifact_type": "quiz", "content": CONTENT, "options": {"num_questions": 3}});
-    let reply = send(
-        server.addr,
-        request(
-            "POST",
-            "/ai/artifact/generate",
-            Some(token),
-            body.to_string(),
-        ),
-    )
-    .await;
-    assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
-    reply.json()["job_id"].as_str().unwrap().to_owned()
+    common::generate(server.addr, token, &body).await
 }
 
 async fn get_job(server: &RunningServer, token: &str, job_id: &str) -> Value {

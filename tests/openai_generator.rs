@@ -46,18 +46,7 @@ async fn submit(
     options: Value,
 ) -> String {
     let body = json!({"notebook_id": "nb-1", "artifact_type": artifact_type, "content": content, "options": options});
-    let reply = send(
-        server.addr,
-        request(
-            "POST",
-            "/ai/artifact/generate",
-            Some(token),
-            body.to_string(),
-        ),
-    )
-    .await;
-    assert_eq!(reply.status, StatusCode::ACCEPTED, "body: {:?}", reply.body);
-    reply.json()["job_id"].as_str().unwrap().to_owned()
+    common::generate(server.addr, token, &body).await
 }
 
 /// The events of one job up to the one that ends it (completed, failed or cancelled).
@@ -460,13 +449,7 @@ async fn the_api_key_never_reaches_the_log_the_events_the_errors_or_metrics() {
     let mut seen = Vec::new();
     for _ in 0..2 {
         let body = json!({"notebook_id": "nb-1", "artifact_type": "quiz", "content": PRODUCT_REQUEST, "options": {"num_questions": 2}});
-        let path = "/ai/artifact/generate";
-        let reply = send(
-            server.addr,
-            request("POST", path, Some(&token), body.to_string()),
-        )
-        .await;
-        assert_eq!(reply.status, StatusCode::ACCEPTED);
+        common::generate(server.addr, &token, &body).await;
         seen.extend(events_until_the_end(&mut client).await);
     }
     assert_eq!(

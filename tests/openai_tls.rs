@@ -12,8 +12,7 @@ use artifact_events::jobs::generator::OpenAiSettings;
 use artifact_events::jobs::OpenAiGenerator;
 use artifact_events::secret::Secret;
 use common::model_server::{quiz, ModelServer, Reply};
-use common::{config, request, send, SseClient, TestServer};
-use hyper::StatusCode;
+use common::{config, SseClient, TestServer};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{json, Value};
 
@@ -62,13 +61,7 @@ async fn run_job(base_url: String, tls: Arc<dyn TlsConnector>) -> Value {
     let token = server.token("alice");
     let mut client = SseClient::connected(server.addr, &token).await;
     let body = json!({"notebook_id": "nb-1", "artifact_type": "quiz", "content": "Create quiz on cells", "options": {"num_questions": 2}});
-    let path = "/ai/artifact/generate";
-    let reply = send(
-        server.addr,
-        request("POST", path, Some(&token), body.to_string()),
-    )
-    .await;
-    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    common::generate(server.addr, &token, &body).await;
     let last = loop {
         let event = client.next_event().await;
         if event["status"] != "running" {

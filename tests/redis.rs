@@ -424,18 +424,7 @@ async fn a_job_run_by_one_process_is_announced_to_its_owner_on_another() {
         The inner membrane folds into cristae, which increase the surface for the electron transport chain. \
         Ribosomes inside the matrix build some of the proteins the organelle needs.";
     let body = json!({"notebook_id": "nb1", "artifact_type": "summary", "content": content});
-    let reply = common::send(
-        a.addr,
-        common::request(
-            "POST",
-            "/ai/artifact/generate",
-            Some(&token),
-            body.to_string(),
-        ),
-    )
-    .await;
-    assert_eq!(reply.status, 202, "{:?}", reply.body);
-    let job_id = reply.json()["job_id"].as_str().unwrap().to_owned();
+    let job_id = common::generate(a.addr, &token, &body).await;
     let completed = loop {
         let event = tokio::time::timeout(PATIENCE, on_b.next_event())
             .await

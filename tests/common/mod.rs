@@ -183,6 +183,15 @@ pub fn request(
     builder.body(Full::new(body.into())).unwrap()
 }
 
+/// Queues a job over HTTP with `token` and the generate request `body`; asserts that it was
+/// accepted and returns the job's id.
+pub async fn generate(addr: SocketAddr, token: &str, body: &Value) -> String {
+    let path = "/ai/artifact/generate";
+    let reply = send(addr, request("POST", path, Some(token), body.to_string())).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "body: {:?}", reply.body);
+    reply.json()["job_id"].as_str().unwrap().to_owned()
+}
+
 /// Publishes over HTTP as a publisher and asserts it was accepted.
 pub async fn publish_http(server: &TestServer, event_type: &str, event_data: Value) {
     let body = serde_json::json!({"event_type": event_type, "event_data": event_data}).to_string();
