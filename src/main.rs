@@ -200,7 +200,7 @@ fn serve(args: &[String]) -> Result<(), Failure> {
             .await
             .map_err(Failure::Runtime)?;
         if state.config.development_secret {
-            print_development_banner(&state.config, addr);
+            print_development_banner(&state.auth, addr);
         }
         server::run(listener, state, server::shutdown_signal()).await;
         Ok(())
@@ -238,17 +238,21 @@ fn print_token(args: &[String]) -> Result<(), String> {
 /// A token for `user_id` signed with `JWT_SECRET`, which must be set.
 fn signed_token(user_id: &str, publisher: bool, ttl: u64) -> Result<String, String> {
     let config = Config::from_env().map_err(|error| error.to_string())?;
-    if config.development_secret {
-        return Err(
-            "JWT_SECRET is not set; a token signed with a random secret would be useless".into(),
-        );
-    }
-    let auth = Authenticator::new(config.jwt_secret.expose().as_bytes(), config.jwt_algorithm);
+    let secret = match &config.jwt_secret {
+        Some(secret) if !config.development_secret => secret,
+        _ => {
+            return Err(
+                "JWT_SECRET is not set; a token signed with a random secret would be \
+                 useless (with an identity provider, get tokens from it)"
+                    .into(),
+            )
+        }
+    };
+    let auth = Authenticator::new(secret.expose().as_bytes(), config.jwt_algorithm);
     Ok(auth.issue(user_id, publisher, Duration::from_secs(ttl)))
 }
 
-fn print_development_banner(config: &Config, addr: std::net::SocketAddr) {
-    let auth = Authenticator::new(config.jwt_secret.expose().as_bytes(), config.jwt_algorithm);
+fn print_development_banner(auth: &Authenticator, addr: std::net::SocketAddr) {
     let ttl = Duration::from_secs(DEFAULT_TOKEN_TTL_SECS);
     let user_token = auth.issue("demo", false, ttl);
     let publisher_token = auth.issue("publisher", true, ttl);

@@ -15,8 +15,8 @@ use jsonwebtoken::Algorithm;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-#[test]
-fn token_prints_a_jwt_the_server_accepts() {
+#[tokio::test]
+async fn token_prints_a_jwt_the_server_accepts() {
     let output = Command::new(BINARY)
         .args(["token", "alice", "--publisher", "--ttl", "60"])
         .env("JWT_SECRET", SECRET)
@@ -26,6 +26,7 @@ fn token_prints_a_jwt_the_server_accepts() {
     let token = String::from_utf8(output.stdout).unwrap();
     let identity = Authenticator::new(SECRET.as_bytes(), Algorithm::HS256)
         .verify(token.trim())
+        .await
         .unwrap();
     assert_eq!(identity.user_id, "alice");
     assert!(identity.publisher);

@@ -11,7 +11,10 @@ mod router;
 pub(crate) mod routes;
 mod state;
 
-pub use auth::{Authenticator, Claims, Identity, PUBLISHER_ROLE};
+pub use auth::{
+    from_jwks, from_pem, Authenticator, ClaimRules, Claims, Identity, Jwks, VerifyingKey,
+    MIN_REFETCH_INTERVAL, PUBLISHER_ROLE,
+};
 pub use error::ApiError;
 pub use listener::{run, shutdown_signal};
 pub use request::{ConnectionInfo, RequestBody};

@@ -129,7 +129,7 @@ async fn route(
     let method = request.method();
     match segments.as_slice() {
         // `/` trims to one empty segment.
-        [""] if method == Method::GET => Ok(page::page(&state, &request)),
+        [""] if method == Method::GET => Ok(page::page(&state, &request).await),
         [""] => Err(PAGE.not_allowed()),
         ["healthz"] if method == Method::GET => {
             Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
@@ -142,7 +142,7 @@ async fn route(
         ["openapi.json"] if method == Method::GET => Ok(openapi::document()),
         ["openapi.json"] => Err(OPENAPI.not_allowed()),
         ["ai", "artifact", "events", "stream"] if method == Method::GET => {
-            stream::open(&state, &request)
+            stream::open(&state, &request).await
         }
         ["ai", "artifact", "events", "stream"] => Err(STREAM.not_allowed()),
         ["ai", "events", "publish"] if method == Method::POST => {
@@ -154,11 +154,11 @@ async fn route(
         }
         ["ai", "artifact", "generate"] => Err(GENERATE.not_allowed()),
         ["ai", "artifact", "jobs"] if method == Method::GET => {
-            artifact::list_jobs(&state, &request)
+            artifact::list_jobs(&state, &request).await
         }
         ["ai", "artifact", "jobs"] => Err(JOBS.not_allowed()),
         ["ai", "artifact", "jobs", job_id] if method == Method::GET => {
-            artifact::get_job(&state, &request, job_id)
+            artifact::get_job(&state, &request, job_id).await
         }
         ["ai", "artifact", "jobs", _] => Err(JOB.not_allowed()),
         ["ai", "artifact", "jobs", job_id, "cancel"] if method == Method::POST => {
