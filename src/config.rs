@@ -107,6 +107,8 @@ pub struct Config {
     /// Audience, issuer, leeway and accepted algorithms (`JWT_AUDIENCE`, `JWT_ISSUER`,
     /// `JWT_LEEWAY_SECS`, `JWT_ALGORITHMS`).
     pub jwt_rules: ClaimRules,
+    /// Where `/metrics` is served instead of the public listener (`METRICS_ADDR`).
+    pub metrics_addr: Option<SocketAddr>,
     /// Interval between keepalive comments (`SSE_KEEPALIVE_SECS`).
     pub keepalive: Duration,
     /// Per-stream queue bound in frames (`SSE_QUEUE_CAPACITY`).
@@ -236,6 +238,7 @@ impl Config {
                 leeway_secs: DEFAULT_JWT_LEEWAY_SECS,
                 ..ClaimRules::default()
             },
+            metrics_addr: None,
             keepalive: Duration::from_secs(DEFAULT_KEEPALIVE_SECS),
             stream_queue_capacity: DEFAULT_STREAM_QUEUE_CAPACITY,
             stream_queue_max_bytes: DEFAULT_STREAM_QUEUE_MAX_BYTES,
@@ -313,6 +316,7 @@ impl Config {
         if let Some(addr) = env_parse::<SocketAddr>(lookup, "ADDR")? {
             config.addr = addr;
         }
+        config.metrics_addr = env_parse::<SocketAddr>(lookup, "METRICS_ADDR")?;
         if let Some(name) = env_value(lookup, "JWT_ALGORITHM") {
             config.jwt_algorithm = match name.as_str() {
                 "HS256" => Algorithm::HS256,

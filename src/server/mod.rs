@@ -5,6 +5,7 @@ mod auth;
 mod cors;
 mod error;
 mod listener;
+mod metrics_listener;
 mod request;
 mod response;
 mod router;
@@ -17,6 +18,7 @@ pub use auth::{
 };
 pub use error::ApiError;
 pub use listener::{run, shutdown_signal};
+pub use metrics_listener::serve_metrics;
 pub use request::{ConnectionInfo, RequestBody};
 pub use response::{json_response, ResponseBody};
 pub use router::handle;

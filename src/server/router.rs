@@ -137,6 +137,8 @@ async fn route(
         ["healthz"] => Err(HEALTHZ.not_allowed()),
         ["readyz"] if method == Method::GET => ready(&state),
         ["readyz"] => Err(READYZ.not_allowed()),
+        // With METRICS_ADDR, the counters are served there only.
+        ["metrics"] if state.config.metrics_addr.is_some() => Err(ApiError::NotFound),
         ["metrics"] if method == Method::GET => metrics(&state),
         ["metrics"] => Err(METRICS.not_allowed()),
         ["openapi.json"] if method == Method::GET => Ok(openapi::document()),
@@ -182,6 +184,19 @@ fn ready(state: &AppState) -> Result<Response<ResponseBody>, ApiError> {
         None => Ok(json_response(StatusCode::OK, &json!({"status": "ready"}))),
         Some(reason) => Err(ApiError::NotReady(reason)),
     }
+}
+
+/// Answers a request on the `METRICS_ADDR` listener, where `/metrics` is the only route.
+pub(super) fn answer_metrics_request<B>(
+    state: &AppState,
+    request: &Request<B>,
+) -> Response<ResponseBody> {
+    let answer = match (request.uri().path(), request.method()) {
+        ("/metrics", &Method::GET) => metrics(state),
+        ("/metrics", _) => Err(METRICS.not_allowed()),
+        _ => Err(ApiError::NotFound),
+    };
+    answer.unwrap_or_else(ApiError::into_response)
 }
 
 /// `GET /metrics`: counters and gauges in the Prometheus text format.
