@@ -375,7 +375,8 @@ async fn check_response(response: Response<ResponseBody>) {
                 assert!(body["error"].is_string(), "{status}: {body}");
             }
         }
-        Either::Right(mut stream) => {
+        Either::Right(stream) => {
+            let mut stream = std::pin::pin!(stream);
             assert_eq!(status, StatusCode::OK);
             assert_eq!(
                 content_type.expect("a stream has a content-type"),
