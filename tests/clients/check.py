@@ -14,6 +14,9 @@ following one job:
 2. A lost history: the server is killed and started on a new, empty database, so the clients'
    last ids mean nothing to it. Each client must get replay_incomplete, refetch the job, learn
    that the server no longer knows it (404), and exit 3.
+3. A token that expires: the clients' token lives 5 s and the job runs longer; the server ends
+   each stream with token_expired, and each client must renew its token with TOKEN_COMMAND,
+   resume after its last id, and report the completed event exactly once, then exit 0.
 
 Prints each client's output and one line per check; exits 1 if any check failed.
 """
@@ -77,7 +80,7 @@ class Server:
         self.log_path = log_path
         self.process = None
 
-    def start(self, database):
+    def start(self, database, **settings):
         env = {key: value for key, value in os.environ.items() if key not in ("REDIS_URL",)}
         env.update(
             JWT_SECRET=SECRET,
@@ -87,6 +90,7 @@ class Server:
             SSE_RETRY_MS=str(RETRY_MS),
             LOG_LEVEL="info",
         )
+        env.update(settings)
         with open(self.log_path, "a") as log:
             log.write(f"--- start on {database}\n")
         self.process = subprocess.Popen(
@@ -170,9 +174,9 @@ class Client:
             print(f"  {self.name}| {line}")
 
 
-def start_clients(args, server, token, job_id):
+def start_clients(args, server, token, job_id, **settings):
     env = dict(os.environ, SERVER_URL=f"http://127.0.0.1:{server.port}", TOKEN=token, JOB_ID=job_id,
-               TIMEOUT_SECS=str(PATIENCE_SECS))
+               TIMEOUT_SECS=str(PATIENCE_SECS), **settings)
     node = Client("node", ["node", "client.js"], os.path.join(ROOT, "examples/clients/node"), env)
     try:
         python = Client("python", [args.python, "client.py"], os.path.join(ROOT, "examples/clients/python"), env)
@@ -256,6 +260,36 @@ def lost_history(args, server, token, new_database):
     return failures
 
 
+def expiring_token(args, server, token, new_database):
+    server.kill()
+    # No leeway, and a job whose plan (an event with an id) comes at 3 s, before the clients'
+    # 5-second token expires, and whose result comes at 6 s, after it.
+    server.start(new_database, JWT_LEEWAY_SECS="0", GENERATOR_DELAY_MS="3000")
+    job_id = generate(server, token)
+    short = subprocess.run([args.binary, "token", USER, "--ttl", "5"], env=dict(os.environ, JWT_SECRET=SECRET),
+                           check=True, capture_output=True, text=True).stdout.strip()
+    renew = f"'{os.path.abspath(args.binary)}' token {USER}"
+    clients = start_clients(args, server, short, job_id, JWT_SECRET=SECRET, TOKEN_COMMAND=renew)
+    try:
+        statuses = [client.wait() for client in clients]
+    finally:
+        for client in clients:
+            client.stop()
+    failures = []
+    for client, status in zip(clients, statuses):
+        client.show()
+        if status != 0:
+            failures.append(f"{client.name} exited {status}, not 0")
+        if not client.saw("the token expired; renewed it with TOKEN_COMMAND"):
+            failures.append(f"{client.name} did not renew its token")
+        if not client.saw("connected, resuming after "):
+            failures.append(f"{client.name} did not resume after its last event id")
+        completed = client.count(f"job {job_id}: completed [id ")
+        if completed != 1:
+            failures.append(f"{client.name} reported the completed event from the stream {completed} times, not once")
+    return failures
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--binary", required=True, help="the server, built with --features sqlite")
@@ -272,6 +306,7 @@ def main():
         for name, scenario in [
             ("a job interrupted by SIGKILL completes, reported once", lambda: crash_and_recovery(args, server, token, database)),
             ("a lost history gives replay_incomplete and a refetch", lambda: lost_history(args, server, token, os.path.join(args.work, "new.db"))),
+            ("an expired token is renewed, and the stream resumes without a loss", lambda: expiring_token(args, server, token, os.path.join(args.work, "renew.db"))),
         ]:
             print(f"== clients: {name}")
             try:
