@@ -186,6 +186,40 @@ def start_clients(args, server, token, job_id, **settings):
     return [node, python]
 
 
+def wait_for(clients):
+    """Each client's exit status (None if it did not exit in time), its output shown, none left running."""
+    statuses = []
+    try:
+        for client in clients:
+            try:
+                statuses.append(client.wait())
+            except CheckFailed:
+                statuses.append(None)
+    finally:
+        stop(clients)
+    return statuses
+
+
+def stop(clients):
+    """Ends every client still running, and shows what each printed."""
+    for client in clients:
+        client.stop()
+        client.show()
+
+
+def resumed_and_completed_once(client, status, job_id):
+    """The failures of a client that should resume after its last id and exit 0 on completion."""
+    failures = []
+    if status != 0:
+        failures.append(f"{client.name} exited {status}, not 0")
+    completed = client.count(f"job {job_id}: completed [id ")
+    if completed != 1:
+        failures.append(f"{client.name} reported the completed event from the stream {completed} times, not once")
+    if not client.saw("connected, resuming after "):
+        failures.append(f"{client.name} did not reconnect with its last event id")
+    return failures
+
+
 def generate(server, token):
     status, body = server.request("POST", "/ai/artifact/generate", token, {
         "notebook_id": "nb1", "artifact_type": "quiz", "options": {"num_questions": 3}, "content": CONTENT,
@@ -217,20 +251,13 @@ def crash_and_recovery(args, server, token, database):
         for client in clients:
             if client.saw("connected, resuming"):
                 raise CheckFailed(f"{client.name} reconnected before the job completed: the replay went untested")
-        statuses = [client.wait() for client in clients]
-    finally:
-        for client in clients:
-            client.stop()
+    except BaseException:
+        stop(clients)
+        raise
+    statuses = wait_for(clients)
     failures = []
     for client, status in zip(clients, statuses):
-        client.show()
-        completed = client.count(f"job {job_id}: completed [id ")
-        if status != 0:
-            failures.append(f"{client.name} exited {status}, not 0")
-        if completed != 1:
-            failures.append(f"{client.name} reported the completed event from the stream {completed} times, not once")
-        if not client.saw("connected, resuming after "):
-            failures.append(f"{client.name} did not reconnect with its last event id")
+        failures += resumed_and_completed_once(client, status, job_id)
     status, job = server.request("GET", f"/ai/artifact/jobs/{job_id}", token)
     if job.get("status") != "completed" or job.get("retry_count") != 1:
         failures.append(f"the job is {job.get('status')} with retry_count {job.get('retry_count')}, "
@@ -244,13 +271,12 @@ def lost_history(args, server, token, new_database):
     try:
         kill_while_running(server, token, job_id, clients)
         server.start(new_database)
-        statuses = [client.wait() for client in clients]
-    finally:
-        for client in clients:
-            client.stop()
+    except BaseException:
+        stop(clients)
+        raise
+    statuses = wait_for(clients)
     failures = []
     for client, status in zip(clients, statuses):
-        client.show()
         if status != 3:
             failures.append(f"{client.name} exited {status}, not 3 (job unknown)")
         if not client.saw("replay_incomplete after "):
@@ -270,23 +296,12 @@ def expiring_token(args, server, token, new_database):
                            check=True, capture_output=True, text=True).stdout.strip()
     renew = f"'{os.path.abspath(args.binary)}' token {USER}"
     clients = start_clients(args, server, short, job_id, JWT_SECRET=SECRET, TOKEN_COMMAND=renew)
-    try:
-        statuses = [client.wait() for client in clients]
-    finally:
-        for client in clients:
-            client.stop()
+    statuses = wait_for(clients)
     failures = []
     for client, status in zip(clients, statuses):
-        client.show()
-        if status != 0:
-            failures.append(f"{client.name} exited {status}, not 0")
+        failures += resumed_and_completed_once(client, status, job_id)
         if not client.saw("the token expired; renewed it with TOKEN_COMMAND"):
             failures.append(f"{client.name} did not renew its token")
-        if not client.saw("connected, resuming after "):
-            failures.append(f"{client.name} did not resume after its last event id")
-        completed = client.count(f"job {job_id}: completed [id ")
-        if completed != 1:
-            failures.append(f"{client.name} reported the completed event from the stream {completed} times, not once")
     return failures
 
 
