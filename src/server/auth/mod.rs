@@ -162,7 +162,13 @@ impl Authenticator {
     ) -> Self {
         let secret = config.jwt_secret.as_ref().map(|secret| secret.expose());
         let rules = config.jwt_rules.clone();
-        Self::with_keys(secret.map(str::as_bytes), config.jwt_algorithm, public_key, jwks, rules)
+        Self::with_keys(
+            secret.map(str::as_bytes),
+            config.jwt_algorithm,
+            public_key,
+            jwks,
+            rules,
+        )
     }
 
     /// A token for `user_id`, valid for `ttl`, with the publisher role if asked.
