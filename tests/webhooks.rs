@@ -79,7 +79,8 @@ async fn metrics(server: &TestServer) -> String {
     String::from_utf8(reply.body.to_vec()).unwrap()
 }
 
-#[tokio::test]
+// Two workers: the test blocks one while it waits for the verifier's next line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_signature_verifies_with_the_standardwebhooks_package() {
     let Ok(python) = std::env::var("STANDARDWEBHOOKS_PYTHON") else {
         eprintln!(
@@ -105,7 +106,11 @@ async fn the_signature_verifies_with_the_standardwebhooks_package() {
             let _ = line_sender.send(line);
         }
     });
-    let next_line = || line_receiver.recv_timeout(PATIENCE).expect("the verifier answers");
+    let next_line = || {
+        let line = line_receiver.recv_timeout(PATIENCE).expect("the verifier answers");
+        eprintln!("verifier: {line}");
+        line
+    };
 
     let server = TestServer::start(config()).await;
     let url = format!("http://127.0.0.1:{port}/hook?source=artifact-events");
