@@ -127,6 +127,8 @@ fn summary(mut latencies: Vec<Duration>) -> String {
 
 fn main() {
     let smoke = std::env::args().any(|arg| arg == "--smoke");
+    // The attempts' failures are logged at info; the figures are the point here.
+    artifact_events::set_log_level(artifact_events::LogLevel::Error);
     let seconds = if smoke { 1 } else { 30 };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -146,7 +148,11 @@ fn main() {
         println!("  bus.publish       {}", summary(figures.publish));
         println!("  publish → stream  {}", summary(figures.to_stream));
         if webhook {
-            for line in figures.metrics.lines().filter(|line| !line.starts_with('#')) {
+            for line in figures
+                .metrics
+                .lines()
+                .filter(|line| !line.starts_with('#'))
+            {
                 println!("  {line}");
             }
         }

@@ -52,7 +52,10 @@ async fn main() {
     let sessions: Sessions = Arc::default();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut value = || args.next().unwrap_or_else(|| usage(&format!("{arg} needs a value")));
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| usage(&format!("{arg} needs a value")))
+        };
         match arg.as_str() {
             "--wav-dir" => wav_dir = Some(PathBuf::from(value())),
             "--session" => drop(sessions.lock().unwrap().insert(value())),
@@ -112,7 +115,9 @@ fn voice_notification_handler(
                 .collect();
             let utterance = Utterance {
                 text: format!("Your {artifact} {verb} ready"),
-                wav: wav_dir.as_ref().map(|dir| dir.join(format!("{job_id}.wav"))),
+                wav: wav_dir
+                    .as_ref()
+                    .map(|dir| dir.join(format!("{job_id}.wav"))),
             };
             if speech.try_send(utterance).is_err() {
                 eprintln!("voice: the speech queue is full; job {job_id} is not announced");
@@ -140,7 +145,9 @@ async fn speaker(mut queue: mpsc::Receiver<Utterance>) {
                 Some(path) => eprintln!("voice: said {text:?} into {}", path.display()),
                 None => eprintln!("voice: said {text:?}"),
             },
-            Ok((text, _, Ok(status))) => eprintln!("voice: espeak-ng failed ({status}) on {text:?}"),
+            Ok((text, _, Ok(status))) => {
+                eprintln!("voice: espeak-ng failed ({status}) on {text:?}")
+            }
             Ok((_, _, Err(error))) => eprintln!("voice: cannot run espeak-ng: {error}"),
             Err(error) => eprintln!("voice: the speech task failed: {error}"),
         }
@@ -158,7 +165,9 @@ async fn serve_sessions(listener: TcpListener, sessions: Sessions) {
             let sessions = sessions.clone();
             async move {
                 let path = request.uri().path().to_owned();
-                let user = path.strip_prefix("/voice/sessions/").filter(|u| !u.is_empty());
+                let user = path
+                    .strip_prefix("/voice/sessions/")
+                    .filter(|u| !u.is_empty());
                 let mut sessions = sessions.lock().unwrap();
                 let (status, body) = match (request.method(), user) {
                     (&Method::PUT, Some(user)) => {

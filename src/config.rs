@@ -511,29 +511,30 @@ fn webhook_settings(
     }
     let url = env_value(lookup, "WEBHOOK_URL");
     let secret = env_value(lookup, "WEBHOOK_SECRET");
-    settings.server = match (url, secret) {
-        (None, None) => None,
-        (Some(_), None) => {
-            return Err(invalid(
+    settings.server =
+        match (url, secret) {
+            (None, None) => None,
+            (Some(_), None) => return Err(invalid(
                 "WEBHOOK_SECRET",
                 "must be set when WEBHOOK_URL is: whsec_ followed by base64 of 16 to 64 random \
                  bytes, e.g. from `echo whsec_$(openssl rand -base64 32)`",
-            ))
-        }
-        (None, Some(_)) => {
-            return Err(invalid("WEBHOOK_URL", "must be set when WEBHOOK_SECRET is"));
-        }
-        (Some(url), Some(secret)) => {
-            let url = url.trim().to_owned();
-            let scheme = url.split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase());
-            if !matches!(scheme.as_deref(), Some("http" | "https")) {
-                return Err(invalid("WEBHOOK_URL", "expected http://… or https://…"));
+            )),
+            (None, Some(_)) => {
+                return Err(invalid("WEBHOOK_URL", "must be set when WEBHOOK_SECRET is"));
             }
-            let key = SigningKey::parse(secret.trim())
-                .map_err(|problem| invalid("WEBHOOK_SECRET", problem))?;
-            Some(ServerWebhook { url, key })
-        }
-    };
+            (Some(url), Some(secret)) => {
+                let url = url.trim().to_owned();
+                let scheme = url
+                    .split_once("://")
+                    .map(|(scheme, _)| scheme.to_ascii_lowercase());
+                if !matches!(scheme.as_deref(), Some("http" | "https")) {
+                    return Err(invalid("WEBHOOK_URL", "expected http://… or https://…"));
+                }
+                let key = SigningKey::parse(secret.trim())
+                    .map_err(|problem| invalid("WEBHOOK_SECRET", problem))?;
+                Some(ServerWebhook { url, key })
+            }
+        };
     Ok(settings)
 }
 

@@ -37,7 +37,11 @@ async fn subscribe(server: &TestServer, user: &str, url: &str, types: Option<&[&
 }
 
 async fn get(server: &TestServer, user: &str, path: &str) -> Reply {
-    send(server.addr, request("GET", path, Some(&server.token(user)), "")).await
+    send(
+        server.addr,
+        request("GET", path, Some(&server.token(user)), ""),
+    )
+    .await
 }
 
 /// The webhook's attempts once there are at least `count`, newest first.
@@ -60,7 +64,11 @@ async fn attempts(server: &TestServer, user: &str, id: &str, count: usize) -> Ve
 }
 
 async fn publish(server: &TestServer, event_type: &str, data: Value) {
-    server.state.bus.publish(&EventType::from(event_type), data).await;
+    server
+        .state
+        .bus
+        .publish(&EventType::from(event_type), data)
+        .await;
 }
 
 /// Checks the Standard Webhooks headers of a request against `secret`.
@@ -90,7 +98,10 @@ async fn the_signature_verifies_with_the_standardwebhooks_package() {
         return;
     };
     use std::io::{BufRead, BufReader, Write};
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/webhooks/verify_receiver.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/webhooks/verify_receiver.py"
+    );
     let mut verifier = std::process::Command::new(python)
         .arg(script)
         .stdin(std::process::Stdio::piped())
@@ -107,7 +118,9 @@ async fn the_signature_verifies_with_the_standardwebhooks_package() {
         }
     });
     let next_line = || {
-        let line = line_receiver.recv_timeout(PATIENCE).expect("the verifier answers");
+        let line = line_receiver
+            .recv_timeout(PATIENCE)
+            .expect("the verifier answers");
         eprintln!("verifier: {line}");
         line
     };
@@ -152,9 +165,16 @@ async fn the_signature_verifies_with_the_standardwebhooks_package() {
         "POST",
         "/hook",
         None,
-        String::from_utf8(copy.body.to_vec()).unwrap().replace("j1", "j2"),
+        String::from_utf8(copy.body.to_vec())
+            .unwrap()
+            .replace("j1", "j2"),
     );
-    for name in ["webhook-id", "webhook-timestamp", "webhook-signature", "content-type"] {
+    for name in [
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+        "content-type",
+    ] {
         forged
             .headers_mut()
             .insert(name, copy.headers[name].clone());
@@ -176,7 +196,12 @@ async fn a_receiver_failing_twice_gets_three_attempts_with_one_webhook_id() {
     .await;
     let webhook = subscribe(&server, "alice", &receiver.url("/hooks"), None).await;
     let secret = webhook["secret"].as_str().unwrap();
-    publish(&server, "artifact.completed", json!({"user_id": "alice", "n": 1})).await;
+    publish(
+        &server,
+        "artifact.completed",
+        json!({"user_id": "alice", "n": 1}),
+    )
+    .await;
 
     let first = receiver.next().await;
     let second = receiver.next().await;
@@ -184,7 +209,10 @@ async fn a_receiver_failing_twice_gets_three_attempts_with_one_webhook_id() {
     for received in [&first, &second, &third] {
         assert_signed(received, secret);
         assert_eq!(received.path, "/hooks");
-        assert_eq!(received.body, first.body, "every attempt sends the same body");
+        assert_eq!(
+            received.body, first.body,
+            "every attempt sends the same body"
+        );
     }
     let id = first.header("webhook-id");
     assert!(id.starts_with("msg_"), "{id}");
@@ -225,15 +253,29 @@ async fn a_hanging_receiver_times_out_while_the_stream_gets_its_events() {
     let id = webhook["id"].as_str().unwrap();
     let mut stream = SseClient::connected(server.addr, &server.token("alice")).await;
 
-    common::publish_http(&server, "artifact.completed", json!({"user_id": "alice", "n": 1})).await;
+    common::publish_http(
+        &server,
+        "artifact.completed",
+        json!({"user_id": "alice", "n": 1}),
+    )
+    .await;
     receiver.next().await;
     // The receiver holds the request; the stream has the event anyway, and a second one too.
     assert_eq!(stream.next_event().await["n"], 1);
-    common::publish_http(&server, "artifact.completed", json!({"user_id": "alice", "n": 2})).await;
+    common::publish_http(
+        &server,
+        "artifact.completed",
+        json!({"user_id": "alice", "n": 2}),
+    )
+    .await;
     assert_eq!(stream.next_event().await["n"], 2);
     let path = format!("/ai/webhooks/{id}/deliveries");
     let unanswered = get(&server, "alice", &path).await.json();
-    assert_eq!(unanswered["deliveries"], json!([]), "no attempt has ended yet");
+    assert_eq!(
+        unanswered["deliveries"],
+        json!([]),
+        "no attempt has ended yet"
+    );
 
     let attempts = attempts(&server, "alice", id, 2).await;
     for attempt in &attempts {
@@ -250,20 +292,50 @@ async fn a_hanging_receiver_times_out_while_the_stream_gets_its_events() {
 }
 
 #[tokio::test]
+async fn a_hanging_receiver_holds_only_its_own_slots_and_others_are_still_served() {
+    let mut config = config();
+    config.webhooks.timeout = Duration::from_secs(60);
+    let server = TestServer::start(config).await;
+    let hanging = Receiver::start(vec![], Answer::Hang).await;
+    subscribe(&server, "alice", &hanging.url("/"), None).await;
+    let mut healthy = Receiver::start(vec![], Answer::Status(200)).await;
+    subscribe(&server, "bob", &healthy.url("/"), None).await;
+    // More than all the shared attempt slots, every one of them waiting on the hanging receiver.
+    for n in 0..100 {
+        publish(
+            &server,
+            "artifact.progress",
+            json!({"user_id": "alice", "n": n}),
+        )
+        .await;
+    }
+    publish(&server, "artifact.completed", json!({"user_id": "bob"})).await;
+    assert_eq!(healthy.next().await.json()["data"]["user_id"], "bob");
+}
+
+#[tokio::test]
 async fn a_webhook_failing_its_whole_schedule_is_disabled_and_its_owner_told() {
     let server = TestServer::start(config()).await;
     let mut receiver = Receiver::start(vec![], Answer::Status(500)).await;
     let webhook = subscribe(&server, "alice", &receiver.url("/down"), None).await;
     let id = webhook["id"].as_str().unwrap();
     let mut stream = SseClient::connected(server.addr, &server.token("alice")).await;
-    publish(&server, "artifact.completed", json!({"user_id": "alice", "n": 1})).await;
+    publish(
+        &server,
+        "artifact.completed",
+        json!({"user_id": "alice", "n": 1}),
+    )
+    .await;
     assert_eq!(stream.next_event().await["n"], 1);
 
     let disabled = stream.next_event().await;
     assert_eq!(disabled["webhook_id"], id);
     assert_eq!(disabled["user_id"], "alice");
     let reason = disabled["reason"].as_str().unwrap();
-    assert!(reason.contains("3 attempts") && reason.contains("answered 500"), "{reason}");
+    assert!(
+        reason.contains("3 attempts") && reason.contains("answered 500"),
+        "{reason}"
+    );
     for _ in 0..3 {
         receiver.next().await;
     }
@@ -274,7 +346,12 @@ async fn a_webhook_failing_its_whole_schedule_is_disabled_and_its_owner_told() {
     // Nothing more is sent to it: the next event reaches only a new webhook.
     let mut sentinel = Receiver::start(vec![], Answer::Status(200)).await;
     subscribe(&server, "alice", &sentinel.url("/up"), None).await;
-    publish(&server, "artifact.completed", json!({"user_id": "alice", "n": 2})).await;
+    publish(
+        &server,
+        "artifact.completed",
+        json!({"user_id": "alice", "n": 2}),
+    )
+    .await;
     assert_eq!(sentinel.next().await.json()["data"]["n"], 2);
     let metrics = metrics(&server).await;
     assert!(
@@ -291,11 +368,29 @@ async fn event_types_choose_what_a_webhook_receives() {
     let only = ["artifact.completed", "artifact.failed"];
     let webhook = subscribe(&server, "alice", &receiver.url("/"), Some(&only)).await;
     assert_eq!(webhook["event_types"], json!(only));
-    publish(&server, "artifact.started", json!({"user_id": "alice", "n": 1})).await;
-    publish(&server, "artifact.completed", json!({"user_id": "bob", "n": 2})).await;
-    publish(&server, "artifact.completed", json!({"user_id": "alice", "n": 3})).await;
+    publish(
+        &server,
+        "artifact.started",
+        json!({"user_id": "alice", "n": 1}),
+    )
+    .await;
+    publish(
+        &server,
+        "artifact.completed",
+        json!({"user_id": "bob", "n": 2}),
+    )
+    .await;
+    publish(
+        &server,
+        "artifact.completed",
+        json!({"user_id": "alice", "n": 3}),
+    )
+    .await;
     let first = receiver.next().await.json();
-    assert_eq!((first["type"].as_str(), &first["data"]["n"]), (Some("artifact.completed"), &json!(3)));
+    assert_eq!(
+        (first["type"].as_str(), &first["data"]["n"]),
+        (Some("artifact.completed"), &json!(3))
+    );
 }
 
 #[tokio::test]
@@ -315,7 +410,12 @@ async fn the_server_webhook_gets_every_users_events_signed_with_its_secret() {
     for _ in 0..2 {
         let received = receiver.next().await;
         assert_signed(&received, secret);
-        users.push(received.json()["data"]["user_id"].as_str().unwrap().to_owned());
+        users.push(
+            received.json()["data"]["user_id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     users.sort();
     assert_eq!(users, ["alice", "bob"]);
@@ -329,7 +429,12 @@ async fn a_full_queue_drops_counts_and_logs_instead_of_growing() {
     let mut receiver = Receiver::start(vec![], Answer::Hang).await;
     subscribe(&server, "alice", &receiver.url("/"), None).await;
     for n in 0..3 {
-        publish(&server, "artifact.progress", json!({"user_id": "alice", "n": n})).await;
+        publish(
+            &server,
+            "artifact.progress",
+            json!({"user_id": "alice", "n": n}),
+        )
+        .await;
     }
     assert_eq!(receiver.next().await.json()["data"]["n"], 0);
     let metrics = metrics(&server).await;
@@ -356,7 +461,10 @@ async fn private_addresses_are_refused_at_registration_without_the_flag() {
         let reply = register(&server, "alice", json!({"url": url})).await;
         let error = reply.expect_error(StatusCode::UNPROCESSABLE_ENTITY);
         assert!(error.contains("address policy refuses"), "{url}: {error}");
-        assert!(!error.contains("/hooks") && !error.contains("meta-data"), "{error}");
+        assert!(
+            !error.contains("/hooks") && !error.contains("meta-data"),
+            "{error}"
+        );
     }
     for (body, expected) in [
         (json!({"url": "ftp://example.com/"}), "scheme"),
@@ -364,8 +472,14 @@ async fn private_addresses_are_refused_at_registration_without_the_flag() {
         (json!({}), "url is required"),
         (json!({"url": 7}), "url must be a string"),
         (json!({"url": "http://a/", "event_types": []}), "omit it"),
-        (json!({"url": "http://a/", "event_types": [1]}), "array of strings"),
-        (json!({"url": "http://a/", "secret": "mine"}), "unknown field"),
+        (
+            json!({"url": "http://a/", "event_types": [1]}),
+            "array of strings",
+        ),
+        (
+            json!({"url": "http://a/", "secret": "mine"}),
+            "unknown field",
+        ),
     ] {
         let error = register(&server, "alice", body.clone())
             .await
@@ -398,7 +512,10 @@ async fn private_addresses_are_refused_again_at_each_delivery() {
     // No status: the request was never sent, though the receiver would have answered 200.
     assert_eq!(attempt["status"], Value::Null);
     let error = attempt["error"].as_str().unwrap();
-    assert!(error.contains("127.0.0.1, which the address policy refuses"), "{error}");
+    assert!(
+        error.contains("127.0.0.1, which the address policy refuses"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
@@ -460,15 +577,16 @@ async fn a_delivery_interrupted_by_sigkill_is_made_after_the_restart() {
         ("WEBHOOK_RETRY_SCHEDULE_SECS", "0.1,0.1,0.1"),
         ("WEBHOOK_TIMEOUT_SECS", "60"),
     ];
-    let mut receiver = Receiver::start(
-        vec![Answer::Status(500), Answer::Hang],
-        Answer::Status(200),
-    )
-    .await;
+    let mut receiver =
+        Receiver::start(vec![Answer::Status(500), Answer::Hang], Answer::Status(200)).await;
     let server = RunningServer::start(&env);
     let alice = binary_token("alice");
     let body = json!({"url": receiver.url("/durable")}).to_string();
-    let reply = send(server.addr, request("POST", "/ai/webhooks", Some(&alice), body)).await;
+    let reply = send(
+        server.addr,
+        request("POST", "/ai/webhooks", Some(&alice), body),
+    )
+    .await;
     assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
     let webhook_id = reply.json()["id"].as_str().unwrap().to_owned();
     let published = common::publish_to(
@@ -477,7 +595,12 @@ async fn a_delivery_interrupted_by_sigkill_is_made_after_the_restart() {
         json!({"user_id": "alice", "job_id": "j-durable"}),
     )
     .await;
-    assert_eq!(published.status, StatusCode::ACCEPTED, "{:?}", published.body);
+    assert_eq!(
+        published.status,
+        StatusCode::ACCEPTED,
+        "{:?}",
+        published.body
+    );
     let failed = receiver.next().await;
     let in_flight = receiver.next().await;
     let message_id = failed.header("webhook-id").to_owned();

@@ -407,7 +407,10 @@ mod tests {
                 operations += 1;
             }
         }
-        let routed: usize = ROUTES.iter().map(|route| allow_list(route.allow).len()).sum();
+        let routed: usize = ROUTES
+            .iter()
+            .map(|route| allow_list(route.allow).len())
+            .sum();
         assert_eq!(operations, routed);
     }
 

@@ -6,7 +6,8 @@
 //! that handler only counts and spawns (no I/O, no await), so a slow or dead receiver never
 //! slows a publish or an SSE stream. Each delivery is then one task: it stores the delivery in
 //! the outbox ([`WebhookStore`]), makes the attempts (each within `WEBHOOK_TIMEOUT_SECS`, at
-//! most [`MAX_CONCURRENT_ATTEMPTS`] at once), waits out the retry schedule between them, and
+//! most [`MAX_CONCURRENT_ATTEMPTS`] at once, and [`MAX_ATTEMPTS_PER_WEBHOOK`] to one webhook),
+//! waits out the retry schedule between them, and
 //! forgets the delivery once a receiver answered 2xx or the schedule ran out; the latter
 //! disables a user's subscription and tells its owner with a [`DISABLED`] event.
 //!
@@ -62,6 +63,9 @@ pub const DEFAULT_TIMEOUT_SECS: u64 = 10;
 pub const DEFAULT_QUEUE_CAPACITY: usize = 10_000;
 /// Attempts in flight at once over all receivers; further ones wait for a slot.
 pub const MAX_CONCURRENT_ATTEMPTS: usize = 64;
+/// Attempts in flight at once to one webhook, so that one receiver that hangs holds at most
+/// this many of the slots and the others' deliveries go on.
+pub const MAX_ATTEMPTS_PER_WEBHOOK: usize = 8;
 /// Webhooks one user may have; one more is refused with 409.
 pub const MAX_WEBHOOKS_PER_USER: usize = 10;
 /// Longest accepted webhook URL.
@@ -155,6 +159,8 @@ pub struct Webhooks {
     /// Deliveries pending now: the queue length, bounded by `queue_capacity`.
     pending: AtomicUsize,
     attempt_slots: Semaphore,
+    /// Each webhook's own slots ([`MAX_ATTEMPTS_PER_WEBHOOK`]), taken before a shared one.
+    webhook_slots: Mutex<HashMap<String, Arc<Semaphore>>>,
     counters: Counters,
     resumed: AtomicBool,
 }
@@ -201,6 +207,7 @@ impl Webhooks {
             registering: Mutex::new(()),
             pending: AtomicUsize::new(0),
             attempt_slots: Semaphore::new(MAX_CONCURRENT_ATTEMPTS),
+            webhook_slots: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             resumed: AtomicBool::new(false),
         }))
@@ -260,7 +267,9 @@ impl Webhooks {
                 return invalid("event_types is empty; omit it to receive every type".to_owned());
             }
             if types.len() > MAX_EVENT_TYPES {
-                return invalid(format!("event_types names more than {MAX_EVENT_TYPES} types"));
+                return invalid(format!(
+                    "event_types names more than {MAX_EVENT_TYPES} types"
+                ));
             }
             if types
                 .iter()
@@ -291,7 +300,9 @@ impl Webhooks {
         if owned >= MAX_WEBHOOKS_PER_USER {
             return Err(RegisterError::TooMany(MAX_WEBHOOKS_PER_USER));
         }
-        self.store.add(&subscription).map_err(RegisterError::Store)?;
+        self.store
+            .add(&subscription)
+            .map_err(RegisterError::Store)?;
         lock(&self.subscriptions).insert(subscription.id.clone(), Arc::new(subscription.clone()));
         log::info!(
             "webhook {} registered for user {user_id}, to {}",
@@ -321,6 +332,7 @@ impl Webhooks {
         }
         self.store.remove(id)?;
         lock(&self.subscriptions).remove(id);
+        lock(&self.webhook_slots).remove(id);
         log::info!("webhook {id} of user {user_id} removed");
         Ok(true)
     }
@@ -353,10 +365,17 @@ impl Webhooks {
         let name = "artifact_events_webhook_deliveries_total";
         let _ = writeln!(out, "# HELP {name} Webhook deliveries by how they ended: delivered, exhausted (the whole retry schedule failed), dropped (the queue was full), abandoned (the webhook was removed or disabled).\n# TYPE {name} counter");
         for (outcome, count) in DELIVERY_OUTCOMES.iter().zip(&self.counters.deliveries) {
-            let _ = writeln!(out, "{name}{{outcome=\"{outcome}\"}} {}", count.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}{{outcome=\"{outcome}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
         }
         let name = "artifact_events_webhook_attempts_total";
-        let _ = writeln!(out, "# HELP {name} Webhook attempts by outcome.\n# TYPE {name} counter");
+        let _ = writeln!(
+            out,
+            "# HELP {name} Webhook attempts by outcome.\n# TYPE {name} counter"
+        );
         for (outcome, count) in AttemptOutcome::ALL.iter().zip(&self.counters.attempts) {
             let _ = writeln!(
                 out,
@@ -435,15 +454,17 @@ impl Webhooks {
             if wait > 0 {
                 tokio::time::sleep(Duration::from_millis(wait)).await;
             }
+            let own_slots = self.slots_of(&delivery.subscription_id);
+            let own_slot = own_slots.acquire().await;
+            let slot = self.attempt_slots.acquire().await;
+            // Looked up once the slots are held: the webhook may have gone meanwhile.
             let Some(target) = self.target(&delivery.subscription_id) else {
                 self.counters.count_delivery(DeliveryOutcome::Abandoned);
                 self.finish(&delivery);
                 return;
             };
-            let attempt = {
-                let _slot = self.attempt_slots.acquire().await;
-                self.attempt(&target, &delivery).await
-            };
+            let attempt = self.attempt(&target, &delivery).await;
+            drop((slot, own_slot));
             delivery.attempts = attempt.attempt;
             if let Err(error) = self.store.record_attempt(&target.id, &attempt) {
                 log::error!("{error}");
@@ -484,7 +505,9 @@ impl Webhooks {
         let signature = target
             .key
             .sign(&delivery.id, timestamp, delivery.body.as_bytes());
-        let header = |value: &str| HeaderValue::from_str(value).expect("ids, digits and base64 are valid header values");
+        let header = |value: &str| {
+            HeaderValue::from_str(value).expect("ids, digits and base64 are valid header values")
+        };
         let request = http_client::Request::post(target.url.clone(), delivery.body.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .header(HeaderName::from_static("webhook-id"), header(&delivery.id))
@@ -492,19 +515,28 @@ impl Webhooks {
                 HeaderName::from_static("webhook-timestamp"),
                 header(&timestamp.to_string()),
             )
-            .header(HeaderName::from_static("webhook-signature"), header(&signature));
+            .header(
+                HeaderName::from_static("webhook-signature"),
+                header(&signature),
+            );
         let client = match target.owner {
             None => &self.server_client,
             Some(_) => &self.client,
         };
         let result = client.send(request).await;
         let (outcome, status, error) = match result {
-            Ok(response) if response.status.is_success() => {
-                (AttemptOutcome::Success, Some(response.status.as_u16()), None)
-            }
+            Ok(response) if response.status.is_success() => (
+                AttemptOutcome::Success,
+                Some(response.status.as_u16()),
+                None,
+            ),
             Ok(response) => {
                 let status = response.status.as_u16();
-                (AttemptOutcome::HttpError, Some(status), Some(format!("answered {status}")))
+                (
+                    AttemptOutcome::HttpError,
+                    Some(status),
+                    Some(format!("answered {status}")),
+                )
             }
             Err(error) => (AttemptOutcome::of(&error), None, Some(error.to_string())),
         };
@@ -586,9 +618,19 @@ impl Webhooks {
         })
     }
 
+    fn slots_of(&self, subscription_id: &str) -> Arc<Semaphore> {
+        let mut slots = lock(&self.webhook_slots);
+        let own = slots.entry(subscription_id.to_owned());
+        own.or_insert_with(|| Arc::new(Semaphore::new(MAX_ATTEMPTS_PER_WEBHOOK)))
+            .clone()
+    }
+
     fn owned(&self, user_id: &str, id: &str) -> Option<Arc<Subscription>> {
         let subscriptions = lock(&self.subscriptions);
-        subscriptions.get(id).filter(|s| s.user_id == user_id).cloned()
+        subscriptions
+            .get(id)
+            .filter(|s| s.user_id == user_id)
+            .cloned()
     }
 
     fn save(&self, delivery: &Delivery) {
@@ -708,7 +750,9 @@ pub fn host_of(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let authority = &rest[..end];
-    authority.rsplit_once('@').map_or(authority, |(_, host)| host)
+    authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host)
 }
 
 #[cfg(test)]
@@ -717,7 +761,10 @@ mod tests {
 
     #[test]
     fn a_log_line_names_only_the_host_of_a_url() {
-        assert_eq!(host_of("https://hooks.example.com/t/secret?k=v"), "hooks.example.com");
+        assert_eq!(
+            host_of("https://hooks.example.com/t/secret?k=v"),
+            "hooks.example.com"
+        );
         assert_eq!(host_of("http://127.0.0.1:9000"), "127.0.0.1:9000");
         assert_eq!(host_of("http://user:pw@example.com/x"), "example.com");
     }

@@ -105,8 +105,7 @@ pub trait WebhookStore: Send + Sync {
     /// The deliveries still pending, oldest first: what a restart resumes.
     fn pending_deliveries(&self) -> Result<Vec<Delivery>, StoreFailure>;
     /// Records an attempt for a subscription, keeping the latest [`RECENT_ATTEMPTS`].
-    fn record_attempt(&self, subscription_id: &str, attempt: &Attempt)
-        -> Result<(), StoreFailure>;
+    fn record_attempt(&self, subscription_id: &str, attempt: &Attempt) -> Result<(), StoreFailure>;
     /// The subscription's recent attempts, newest first.
     fn attempts(&self, subscription_id: &str) -> Result<Vec<Attempt>, StoreFailure>;
 }
@@ -148,7 +147,9 @@ impl WebhookStore for MemoryWebhookStore {
     fn remove(&self, id: &str) -> Result<bool, StoreFailure> {
         let mut state = lock(&self.state);
         let before = state.subscriptions.len();
-        state.subscriptions.retain(|subscription| subscription.id != id);
+        state
+            .subscriptions
+            .retain(|subscription| subscription.id != id);
         state
             .outbox
             .retain(|_, (_, delivery)| delivery.subscription_id != id);
@@ -182,14 +183,13 @@ impl WebhookStore for MemoryWebhookStore {
         let state = lock(&self.state);
         let mut pending: Vec<_> = state.outbox.values().collect();
         pending.sort_by_key(|(order, _)| *order);
-        Ok(pending.into_iter().map(|(_, delivery)| delivery.clone()).collect())
+        Ok(pending
+            .into_iter()
+            .map(|(_, delivery)| delivery.clone())
+            .collect())
     }
 
-    fn record_attempt(
-        &self,
-        subscription_id: &str,
-        attempt: &Attempt,
-    ) -> Result<(), StoreFailure> {
+    fn record_attempt(&self, subscription_id: &str, attempt: &Attempt) -> Result<(), StoreFailure> {
         let mut state = lock(&self.state);
         let recent = state
             .attempts

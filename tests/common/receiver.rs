@@ -90,9 +90,7 @@ impl Receiver {
                         }
                     }
                 });
-                tokio::spawn(
-                    http1::Builder::new().serve_connection(TokioIo::new(socket), service),
-                );
+                tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(socket), service));
             }
         });
         Receiver { addr, received }

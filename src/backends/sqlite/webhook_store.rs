@@ -161,11 +161,7 @@ impl WebhookStore for SqliteWebhookStore {
         rows.collect::<Result<_, _>>().map_err(failure)
     }
 
-    fn record_attempt(
-        &self,
-        subscription_id: &str,
-        attempt: &Attempt,
-    ) -> Result<(), StoreFailure> {
+    fn record_attempt(&self, subscription_id: &str, attempt: &Attempt) -> Result<(), StoreFailure> {
         let mut connection = lock(&self.connection);
         let transaction = connection.transaction().map_err(failure)?;
         transaction

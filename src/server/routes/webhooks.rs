@@ -34,9 +34,9 @@ pub(in crate::server) async fn create(
         .await
         .map_err(|error| match error {
             RegisterError::Invalid(text) => ApiError::Unprocessable(text),
-            RegisterError::TooMany(max) => {
-                ApiError::Conflict(format!("this user already has {max} webhooks, the most allowed"))
-            }
+            RegisterError::TooMany(max) => ApiError::Conflict(format!(
+                "this user already has {max} webhooks, the most allowed"
+            )),
             RegisterError::Store(error) => store_failure(error),
         })?;
     let mut answer = to_json(&subscription);
@@ -56,7 +56,10 @@ pub(in crate::server) fn list(
         .iter()
         .map(|subscription| to_json(subscription))
         .collect();
-    Ok(json_response(StatusCode::OK, &json!({ "webhooks": webhooks })))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "webhooks": webhooks }),
+    ))
 }
 
 /// Removes one of the caller's webhooks, and what it had pending: 204.
@@ -132,7 +135,10 @@ fn to_json(subscription: &Subscription) -> Value {
     fields.insert("url".into(), subscription.url.clone().into());
     fields.insert(
         "event_types".into(),
-        subscription.event_types.clone().map_or(Value::Null, Value::from),
+        subscription
+            .event_types
+            .clone()
+            .map_or(Value::Null, Value::from),
     );
     fields.insert("created_at".into(), subscription.created_at.clone().into());
     fields.insert("disabled".into(), subscription.disabled.into());
