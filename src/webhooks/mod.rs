@@ -425,7 +425,7 @@ impl Webhooks {
                 let dropped = self.counters.count_delivery(DeliveryOutcome::Dropped);
                 // Every drop is counted; the log says so at the first and then sparingly, so
                 // that a flood of drops does not become a flood of lines.
-                if dropped.is_power_of_two() || dropped % 1000 == 0 {
+                if dropped.is_power_of_two() || dropped.is_multiple_of(1000) {
                     log::warning!(
                         "webhook queue is full ({capacity} pending): a {event_type} event for webhook {subscription_id} was dropped; {dropped} dropped so far"
                     );
