@@ -16,8 +16,9 @@ use crate::server::response::{full_response, json_response, ResponseBody};
 use crate::server::state::AppState;
 use crate::webhooks::{Attempt, RegisterError, StoreFailure, Subscription};
 
-/// Largest registration body: a URL and the event types, with room to spare.
-const MAX_REGISTER_BODY_BYTES: usize = 16 * 1024;
+/// Largest registration body: room for the longest URL and event types the document allows,
+/// each character escaped as JSON at its longest (about 75 KB).
+const MAX_REGISTER_BODY_BYTES: usize = 128 * 1024;
 
 /// Registers a webhook: 201 with its id and its secret, which is shown only here.
 pub(in crate::server) async fn create(
