@@ -58,7 +58,9 @@ async fn main() {
         };
         match arg.as_str() {
             "--wav-dir" => wav_dir = Some(PathBuf::from(value())),
-            "--session" => drop(sessions.lock().unwrap().insert(value())),
+            "--session" => {
+                sessions.lock().unwrap().insert(value());
+            }
             "--sessions-addr" => sessions_addr = value(),
             _ => usage(&format!("unknown argument {arg}")),
         }

@@ -242,5 +242,15 @@ mod tests {
         if let Some(error) = refused {
             assert!(error.contains("--features tls"), "{error}");
         }
+        config.openai = None;
+        config.webhooks.server = Some(crate::webhooks::ServerWebhook {
+            url: "https://backend.example.com/hooks".to_owned(),
+            key: crate::webhooks::SigningKey::generate(),
+        });
+        let refused = check(&config).err();
+        assert_eq!(refused.is_none(), cfg!(feature = "tls"));
+        if let Some(error) = refused {
+            assert!(error.starts_with("WEBHOOK_URL is https://"), "{error}");
+        }
     }
 }

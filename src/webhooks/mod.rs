@@ -412,16 +412,23 @@ impl Webhooks {
         if targets.is_empty() {
             return;
         }
-        let body = json!({
-            "type": event_type.as_str(),
-            "timestamp": now_rfc3339(),
-            "data": data,
-        })
-        .to_string();
+        let capacity = self.settings.queue_capacity;
+        // With the queue full, a body would be thrown away: the drops are only counted.
+        let full = self.pending.load(Ordering::Relaxed) >= capacity;
+        let body = match full {
+            true => String::new(),
+            false => Body {
+                event_type: event_type.as_str(),
+                timestamp: &now_rfc3339(),
+                data,
+            }
+            .to_json(),
+        };
         for subscription_id in targets {
-            let capacity = self.settings.queue_capacity;
-            if self.pending.fetch_add(1, Ordering::Relaxed) >= capacity {
-                self.pending.fetch_sub(1, Ordering::Relaxed);
+            if full || self.pending.fetch_add(1, Ordering::Relaxed) >= capacity {
+                if !full {
+                    self.pending.fetch_sub(1, Ordering::Relaxed);
+                }
                 let dropped = self.counters.count_delivery(DeliveryOutcome::Dropped);
                 // Every drop is counted; the log says so at the first and then sparingly, so
                 // that a flood of drops does not become a flood of lines.
@@ -461,6 +468,8 @@ impl Webhooks {
             let Some(target) = self.target(&delivery.subscription_id) else {
                 self.counters.count_delivery(DeliveryOutcome::Abandoned);
                 self.finish(&delivery);
+                // Made again by any other delivery of a removed webhook that gets this far.
+                lock(&self.webhook_slots).remove(&delivery.subscription_id);
                 return;
             };
             let attempt = self.attempt(&target, &delivery).await;
@@ -643,6 +652,21 @@ impl Webhooks {
         if let Err(error) = self.store.finish_delivery(&delivery.id) {
             log::error!("{error}");
         }
+    }
+}
+
+/// The request body, serialized straight from the borrowed event data (no copy of it).
+#[derive(serde::Serialize)]
+struct Body<'a> {
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    timestamp: &'a str,
+    data: &'a Value,
+}
+
+impl Body<'_> {
+    fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a JSON value and strings always serialize")
     }
 }
 
