@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use artifact_events::config::Config;
 use artifact_events::server::AppState;
-use artifact_events::webhooks::{SigningKey, Subscription};
+use artifact_events::webhooks::{SigningKey, Subscription, DEFAULT_QUEUE_CAPACITY};
 use artifact_events::{EventBus, EventType};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
@@ -145,7 +145,14 @@ fn main() {
     ] {
         let figures = runtime.block_on(run(RATE * seconds, webhook));
         println!("{label}:");
-        println!("  bus.publish       {}", summary(figures.publish));
+        // Each event is one delivery: the queue is full from the event numbered its capacity.
+        let filling = figures.publish.len().min(DEFAULT_QUEUE_CAPACITY);
+        let (first, rest) = figures.publish.split_at(filling);
+        println!("  bus.publish       {}", summary(figures.publish.clone()));
+        if webhook && !rest.is_empty() {
+            println!("    queue filling   {}", summary(first.to_vec()));
+            println!("    queue full      {}", summary(rest.to_vec()));
+        }
         println!("  publish → stream  {}", summary(figures.to_stream));
         if webhook {
             for line in figures
