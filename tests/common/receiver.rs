@@ -18,10 +18,12 @@ use tokio::sync::mpsc;
 use super::PATIENCE;
 
 /// How the receiver answers one request.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Answer {
     /// This status, with an empty body.
     Status(u16),
+    /// `307 Temporary Redirect` to this URL.
+    Redirect(String),
     /// Nothing, ever: the request stays open until the client gives up.
     Hang,
 }
@@ -68,13 +70,15 @@ impl Receiver {
                 let Ok((socket, _)) = listener.accept().await else {
                     continue;
                 };
-                let (sender, script) = (sender.clone(), script.clone());
+                let (sender, script, fallback) = (sender.clone(), script.clone(), fallback.clone());
                 let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                    let (sender, script) = (sender.clone(), script.clone());
+                    let (sender, script, fallback) =
+                        (sender.clone(), script.clone(), fallback.clone());
                     async move {
                         let (head, body) = request.into_parts();
                         let body = body.collect().await?.to_bytes();
-                        let answer = script.lock().unwrap().pop_front().unwrap_or(fallback);
+                        let answer = script.lock().unwrap().pop_front();
+                        let answer = answer.unwrap_or(fallback);
                         let _ = sender.send(Received {
                             path: head.uri.path().to_owned(),
                             headers: head.headers,
@@ -85,6 +89,13 @@ impl Receiver {
                                 let mut response = Response::new(Full::new(Bytes::new()));
                                 *response.status_mut() = StatusCode::from_u16(status).unwrap();
                                 Ok::<_, hyper::Error>(response)
+                            }
+                            Answer::Redirect(location) => {
+                                let mut response = Response::new(Full::new(Bytes::new()));
+                                *response.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+                                let location = location.parse().unwrap();
+                                response.headers_mut().insert("location", location);
+                                Ok(response)
                             }
                             Answer::Hang => std::future::pending().await,
                         }
