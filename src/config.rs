@@ -13,6 +13,7 @@ use crate::jobs::generator::OpenAiSettings;
 use crate::log::{Format as LogFormat, Level};
 use crate::secret::Secret;
 use crate::server::ClaimRules;
+use crate::webhooks::{ServerWebhook, SigningKey, WebhookSettings};
 
 /// Default seconds of clock skew tolerated on a token's `exp` and `nbf`.
 pub const DEFAULT_JWT_LEEWAY_SECS: u64 = 30;
@@ -161,6 +162,8 @@ pub struct Config {
     /// The model server that generates artifacts (`GENERATOR=openai`); `None` uses the
     /// offline generator.
     pub openai: Option<OpenAiSettings>,
+    /// How webhooks are delivered (`WEBHOOK_*`).
+    pub webhooks: WebhookSettings,
 }
 
 /// How events cross processes through Redis.
@@ -268,6 +271,7 @@ impl Config {
             generator_delay: Duration::ZERO,
             redis: None,
             openai: None,
+            webhooks: WebhookSettings::default(),
         }
     }
 
@@ -418,6 +422,7 @@ impl Config {
             });
         }
         config.openai = openai_settings(lookup)?;
+        config.webhooks = webhook_settings(lookup)?;
         Ok(config)
     }
 
@@ -561,6 +566,68 @@ fn openai_settings(
         timeout: Duration::from_secs(timeout),
         max_tokens,
     }))
+}
+
+/// The `WEBHOOK_*` settings: the schedule, timeout and queue bound, the private-address
+/// switch, and the operator's `WEBHOOK_URL` with its `WEBHOOK_SECRET` (one needs the other).
+fn webhook_settings(
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<WebhookSettings, ConfigError> {
+    let mut settings = WebhookSettings::default();
+    if let Some(schedule) = env_value(lookup, "WEBHOOK_RETRY_SCHEDULE_SECS") {
+        let problem = "expected a comma list of 1 to 20 waits in seconds, each above 0 and at \
+                       most 604800 (fractions allowed), e.g. 5,300,1800,7200,28800";
+        let waits: Option<Vec<Duration>> = schedule
+            .split(',')
+            .map(|wait| match wait.trim().parse::<f64>() {
+                Ok(secs) if secs > 0.0 && secs <= 604_800.0 => Some(Duration::from_secs_f64(secs)),
+                _ => None,
+            })
+            .collect();
+        settings.retry_schedule = waits
+            .filter(|waits| waits.len() <= 20)
+            .ok_or_else(|| invalid("WEBHOOK_RETRY_SCHEDULE_SECS", problem))?;
+    }
+    if let Some(secs) = env_positive(lookup, "WEBHOOK_TIMEOUT_SECS")? {
+        settings.timeout = Duration::from_secs(secs as u64);
+    }
+    if let Some(capacity) = env_positive(lookup, "WEBHOOK_QUEUE_CAPACITY")? {
+        settings.queue_capacity = capacity;
+    }
+    if let Some(allow) = env_value(lookup, "WEBHOOK_ALLOW_PRIVATE") {
+        settings.allow_private = match allow.trim() {
+            "1" | "true" => true,
+            "0" | "false" => false,
+            _ => return Err(invalid("WEBHOOK_ALLOW_PRIVATE", "expected 1 or 0")),
+        };
+    }
+    let url = env_value(lookup, "WEBHOOK_URL");
+    let secret = env_value(lookup, "WEBHOOK_SECRET");
+    settings.server =
+        match (url, secret) {
+            (None, None) => None,
+            (Some(_), None) => return Err(invalid(
+                "WEBHOOK_SECRET",
+                "must be set when WEBHOOK_URL is: whsec_ followed by base64 of 16 to 64 random \
+                 bytes, e.g. from `echo whsec_$(openssl rand -base64 32)`",
+            )),
+            (None, Some(_)) => {
+                return Err(invalid("WEBHOOK_URL", "must be set when WEBHOOK_SECRET is"));
+            }
+            (Some(url), Some(secret)) => {
+                let url = url.trim().to_owned();
+                let scheme = url
+                    .split_once("://")
+                    .map(|(scheme, _)| scheme.to_ascii_lowercase());
+                if !matches!(scheme.as_deref(), Some("http" | "https")) {
+                    return Err(invalid("WEBHOOK_URL", "expected http://… or https://…"));
+                }
+                let key = SigningKey::parse(secret.trim())
+                    .map_err(|problem| invalid("WEBHOOK_SECRET", problem))?;
+                Some(ServerWebhook { url, key })
+            }
+        };
+    Ok(settings)
 }
 
 /// The soft `RLIMIT_NOFILE`, read from `/proc/self/limits` (no libc dependency needed).
@@ -723,6 +790,51 @@ mod tests {
         assert_eq!(error.variable, "LLM_TIMEOUT_SECS");
         let error = from(&[("LLM_MAX_TOKENS", "many")]).unwrap_err();
         assert_eq!(error.variable, "LLM_MAX_TOKENS");
+    }
+
+    #[test]
+    fn webhook_settings_are_checked_and_the_secret_never_shows() {
+        let defaults = from(&[]).unwrap().webhooks;
+        assert_eq!(defaults.retry_schedule.len(), 5);
+        assert!(defaults.server.is_none() && !defaults.allow_private);
+        let settings = from(&[
+            ("WEBHOOK_RETRY_SCHEDULE_SECS", "0.5, 2,60"),
+            ("WEBHOOK_ALLOW_PRIVATE", "1"),
+            ("WEBHOOK_URL", "http://backend.internal/hooks?token=abc"),
+            ("WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+        ])
+        .unwrap();
+        let webhooks = &settings.webhooks;
+        assert_eq!(
+            webhooks.retry_schedule,
+            [0.5, 2.0, 60.0].map(Duration::from_secs_f64)
+        );
+        assert!(webhooks.allow_private);
+        let printed = format!("{settings:?}");
+        assert!(!printed.contains("MfKQ9r8"), "{printed}");
+        assert!(!printed.contains("token=abc"), "{printed}");
+
+        for (variable, value) in [
+            ("WEBHOOK_RETRY_SCHEDULE_SECS", "5,,30"),
+            ("WEBHOOK_RETRY_SCHEDULE_SECS", "0"),
+            ("WEBHOOK_RETRY_SCHEDULE_SECS", "soon"),
+            ("WEBHOOK_TIMEOUT_SECS", "0"),
+            ("WEBHOOK_QUEUE_CAPACITY", "0"),
+            ("WEBHOOK_ALLOW_PRIVATE", "yes"),
+        ] {
+            assert_eq!(from(&[(variable, value)]).unwrap_err().variable, variable);
+        }
+        let url = ("WEBHOOK_URL", "http://backend.internal/hooks");
+        let error = from(&[url]).unwrap_err();
+        assert_eq!(error.variable, "WEBHOOK_SECRET");
+        let error = from(&[url, ("WEBHOOK_SECRET", "hunter2hunter2hunter2")]).unwrap_err();
+        assert_eq!(error.variable, "WEBHOOK_SECRET");
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+        let secret = ("WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+        let error = from(&[secret]).unwrap_err();
+        assert_eq!(error.variable, "WEBHOOK_URL");
+        let error = from(&[("WEBHOOK_URL", "ftp://backend/"), secret]).unwrap_err();
+        assert_eq!(error.variable, "WEBHOOK_URL");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The one client for outbound requests (model servers now; JWKS and webhooks are to use it too;
+//! The one client for outbound requests (model servers and webhooks now; JWKS is to use it too;
 //! `listen`, which streams, has its own): a request in, a whole
 //! response out, over HTTP/1.1 on a fresh TCP connection per request.
 //!
@@ -273,15 +273,7 @@ impl Client {
         };
         let host = target.host.trim_start_matches('[').trim_end_matches(']');
         let connecting = async {
-            let resolved = tokio::net::lookup_host((host, target.port)).await;
-            let addresses: Vec<_> = resolved.map_err(connect_error)?.collect();
-            // One refused address refuses the host: a name that resolves both inside and
-            // outside is not one to trust with a request.
-            let policy = self.address_policy.unwrap_or(|_| true);
-            if let Some(refused) = addresses.iter().find(|address| !policy(address.ip())) {
-                let (host, address) = (target.host.clone(), refused.ip());
-                return Err(Error::AddressRefused { host, address });
-            }
+            let addresses = self.resolve(target).await?;
             let mut last_error = io::Error::new(io::ErrorKind::NotFound, "no address found");
             for address in addresses {
                 let stream = match TcpStream::connect(address).await {
@@ -309,6 +301,47 @@ impl Client {
         timeout(limit, connecting)
             .await
             .map_err(|_| connect_error(timed_out()))?
+    }
+}
+
+impl Client {
+    /// Checks, without connecting, that a request to `url` could be sent now: the URL parses,
+    /// its scheme is served, and every address its host resolves to (within the connect
+    /// timeout) passes the address policy. Webhooks check this at registration; [`Client::send`]
+    /// checks the addresses again at every request.
+    pub async fn check_destination(&self, url: &str) -> Result<(), Error> {
+        let target = Target::parse(url)?;
+        if target.tls && self.tls.is_none() {
+            return Err(Error::TlsUnavailable);
+        }
+        let limit = self.limits.connect_timeout;
+        match timeout(limit, self.resolve(&target)).await {
+            Ok(resolved) => resolved.map(drop),
+            Err(_) => Err(Error::Connect {
+                server: target.server(),
+                source: io::Error::new(io::ErrorKind::TimedOut, format!("not within {limit:?}")),
+            }),
+        }
+    }
+
+    /// Every address the target's host resolves to, once each has passed the policy.
+    async fn resolve(&self, target: &Target) -> Result<Vec<std::net::SocketAddr>, Error> {
+        let host = target.host.trim_start_matches('[').trim_end_matches(']');
+        let resolved = tokio::net::lookup_host((host, target.port)).await;
+        let addresses: Vec<_> = resolved
+            .map_err(|source| Error::Connect {
+                server: target.server(),
+                source,
+            })?
+            .collect();
+        // One refused address refuses the host: a name that resolves both inside and outside
+        // is not one to trust with a request.
+        let policy = self.address_policy.unwrap_or(|_| true);
+        if let Some(refused) = addresses.iter().find(|address| !policy(address.ip())) {
+            let (host, address) = (target.host.clone(), refused.ip());
+            return Err(Error::AddressRefused { host, address });
+        }
+        Ok(addresses)
     }
 }
 

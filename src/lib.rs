@@ -28,8 +28,10 @@
 //! - [`metrics`]: counters for `GET /metrics`, in the Prometheus text format.
 //! - [`config`]: settings with named defaults, read from the environment.
 //! - [`secret`]: `Secret`, a value (API key, signing secret) whose `Debug` never prints it.
-//! - [`http_client`]: the one client for outbound requests (model servers; later JWKS and
-//!   webhooks): timeouts, a capped body, no redirects, an address policy against SSRF.
+//! - [`http_client`]: the one client for outbound requests (model servers, webhooks; later
+//!   JWKS): timeouts, a capped body, no redirects, an address policy against SSRF.
+//! - [`webhooks`]: users' webhooks and `WEBHOOK_URL`: Standard Webhooks signing, the store
+//!   seam (subscriptions, outbox), and at-least-once delivery off the publish path.
 //! - [`listen`]: the `listen` command's client, which prints a user's events as they arrive.
 //! - `fuzz_checks` (feature `fuzzing`): the fuzz targets' checks, shared with the corpus replay.
 
@@ -50,6 +52,7 @@ pub mod secret;
 pub mod server;
 pub mod sse;
 pub(crate) mod time;
+pub mod webhooks;
 
 pub use events::{get_event_bus, EventBus, EventType, Handler};
 pub use log::{

@@ -76,6 +76,12 @@ ENVIRONMENT:
     LLM_TIMEOUT_SECS           time one request to the model may take [30]
     LLM_MAX_TOKENS             tokens the model may write per answer [8192]
     GENERATOR_DELAY_MS         latency added to each generator call (demos, tests) [0]
+    WEBHOOK_URL                the application's backend: receives every event, signed [none]
+    WEBHOOK_SECRET             whsec_<base64>: signs WEBHOOK_URL's requests; never logged [none]
+    WEBHOOK_RETRY_SCHEDULE_SECS  waits before each retry of a webhook delivery [5,300,1800,7200,28800]
+    WEBHOOK_TIMEOUT_SECS       time one webhook attempt may take     [10]
+    WEBHOOK_QUEUE_CAPACITY     webhook deliveries pending at once (dropped and counted beyond) [10000]
+    WEBHOOK_ALLOW_PRIVATE      1 = users' webhooks may reach private addresses (development) [0]
 ";
 
 /// Lifetime of tokens printed by `token` and by development mode.

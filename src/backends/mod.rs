@@ -1,7 +1,7 @@
 //! The backends behind the core's seams, chosen once, at start-up, in [`open`]: the job store
 //! (`JobStore`), where the replay history is also kept (`HistorySink`), how events cross
-//! processes (`Relay`), the generator (`ArtifactGenerator`), and TLS for the outbound HTTP
-//! client (`TlsConnector`).
+//! processes (`Relay`), the generator (`ArtifactGenerator`), TLS for the outbound HTTP
+//! client (`TlsConnector`), and where webhooks and their outbox are kept (`WebhookStore`).
 //!
 //! This module and the backend modules below it are the only places that name a cargo
 //! feature; [`check`] is the one place that refuses a setting the build cannot serve.
@@ -28,6 +28,7 @@ use crate::jobs::{
     OpenAiGenerator,
 };
 use crate::metrics::Metrics;
+use crate::webhooks::{MemoryWebhookStore, WebhookStore};
 
 /// What the server runs on, as the configuration chose it.
 pub struct Backends {
@@ -42,6 +43,8 @@ pub struct Backends {
     pub bus_subscription: Option<Handler>,
     /// Keeps other processes off the database file for as long as it is held.
     pub database_claim: Option<File>,
+    /// Where webhook subscriptions, pending deliveries and recent attempts are kept.
+    pub webhook_store: Arc<dyn WebhookStore>,
 }
 
 /// Refuses a setting that this build was compiled without the feature for: refusing beats
@@ -65,6 +68,19 @@ pub fn check(config: &Config) -> Result<(), String> {
             .get(..8)
             .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
     });
+    let https_webhook = config.webhooks.server.as_ref().is_some_and(|server| {
+        server
+            .url
+            .get(..8)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+    });
+    if https_webhook && !cfg!(feature = "tls") {
+        return Err(
+            "WEBHOOK_URL is https://, but this build has no TLS support: rebuild with \
+             `cargo build --release --features tls`, or use an http:// URL"
+                .to_owned(),
+        );
+    }
     if https_model && !cfg!(feature = "tls") {
         return Err(
             "OPENAI_BASE_URL is https://, but this build has no TLS support: rebuild with \
@@ -122,6 +138,7 @@ pub async fn open(
         streams: StreamIndex::new(config.stream_settings(), metrics.clone()),
         bus_subscription: None,
         database_claim: None,
+        webhook_store: Arc::new(MemoryWebhookStore::new()),
     };
     #[cfg(feature = "sqlite")]
     let backends = match &config.database_path {
@@ -176,6 +193,7 @@ fn with_sqlite(
         store: Arc::new(opened.store),
         streams,
         database_claim: Some(opened.claim),
+        webhook_store: Arc::new(opened.webhooks),
         ..backends
     })
 }
@@ -223,6 +241,16 @@ mod tests {
         assert_eq!(tls_connector().is_some(), cfg!(feature = "tls"));
         if let Some(error) = refused {
             assert!(error.contains("--features tls"), "{error}");
+        }
+        config.openai = None;
+        config.webhooks.server = Some(crate::webhooks::ServerWebhook {
+            url: "https://backend.example.com/hooks".to_owned(),
+            key: crate::webhooks::SigningKey::generate(),
+        });
+        let refused = check(&config).err();
+        assert_eq!(refused.is_none(), cfg!(feature = "tls"));
+        if let Some(error) = refused {
+            assert!(error.starts_with("WEBHOOK_URL is https://"), "{error}");
         }
     }
 }

@@ -26,10 +26,11 @@ use crate::log;
 /// How long to wait after a failed accept (usually EMFILE) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Runs the job workers and serves `listener` until `shutdown` completes; then ends every
+/// Runs the job workers, resumes pending webhook deliveries, and serves `listener` until `shutdown` completes; then ends every
 /// stream and waits (at most `config.shutdown_grace`) for connections and running jobs.
 pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
     let workers = state.jobs.start();
+    state.webhooks.resume();
     let keepalives = tokio::spawn(send_keepalives(
         Arc::downgrade(&state.streams),
         state.config.keepalive,

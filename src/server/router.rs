@@ -11,7 +11,7 @@ use super::cors::{preflight, CorsGrant};
 use super::error::ApiError;
 use super::request::RequestBody;
 use super::response::{full_response, json_response, ResponseBody};
-use super::routes::{artifact, dev_session, openapi, page, publish, stream};
+use super::routes::{artifact, dev_session, openapi, page, publish, stream, webhooks};
 use super::state::AppState;
 use crate::log;
 use crate::panic::catch_unwind;
@@ -98,6 +98,9 @@ const GENERATE: Route = Route::new("/ai/artifact/generate", "POST");
 const JOBS: Route = Route::new("/ai/artifact/jobs", "GET");
 const JOB: Route = Route::new("/ai/artifact/jobs/{job_id}", "GET");
 const CANCEL: Route = Route::new("/ai/artifact/jobs/{job_id}/cancel", "POST");
+const WEBHOOKS: Route = Route::new("/ai/webhooks", "GET, POST");
+const WEBHOOK: Route = Route::new("/ai/webhooks/{webhook_id}", "DELETE");
+const WEBHOOK_DELIVERIES: Route = Route::new("/ai/webhooks/{webhook_id}/deliveries", "GET");
 /// Routed in development mode only; in production it answers 404.
 const DEV_SESSION: Route = Route::new("/ai/dev/session", "POST");
 
@@ -105,7 +108,7 @@ const DEV_SESSION: Route = Route::new("/ai/dev/session", "POST");
 /// constants; a test holds the table against `openapi.json` and the router, so the three cannot
 /// drift apart: a new arm needs its `Route` here.
 #[cfg_attr(not(test), allow(dead_code))]
-pub(crate) const ROUTES: [Route; 12] = [
+pub(crate) const ROUTES: [Route; 15] = [
     PAGE,
     HEALTHZ,
     READYZ,
@@ -117,6 +120,9 @@ pub(crate) const ROUTES: [Route; 12] = [
     JOBS,
     JOB,
     CANCEL,
+    WEBHOOKS,
+    WEBHOOK,
+    WEBHOOK_DELIVERIES,
     DEV_SESSION,
 ];
 
@@ -167,6 +173,17 @@ async fn route(
             artifact::cancel_job(&state, &request, job_id).await
         }
         ["ai", "artifact", "jobs", _, "cancel"] => Err(CANCEL.not_allowed()),
+        ["ai", "webhooks"] if method == Method::POST => webhooks::create(&state, request).await,
+        ["ai", "webhooks"] if method == Method::GET => webhooks::list(&state, &request).await,
+        ["ai", "webhooks"] => Err(WEBHOOKS.not_allowed()),
+        ["ai", "webhooks", webhook_id] if method == Method::DELETE => {
+            webhooks::delete(&state, &request, webhook_id).await
+        }
+        ["ai", "webhooks", _] => Err(WEBHOOK.not_allowed()),
+        ["ai", "webhooks", webhook_id, "deliveries"] if method == Method::GET => {
+            webhooks::deliveries(&state, &request, webhook_id).await
+        }
+        ["ai", "webhooks", _, "deliveries"] => Err(WEBHOOK_DELIVERIES.not_allowed()),
         // Only in development mode: in production the route does not exist.
         ["ai", "dev", "session"] if !state.config.dev_sessions() => Err(ApiError::NotFound),
         ["ai", "dev", "session"] if method == Method::POST => {
@@ -209,7 +226,8 @@ fn metrics(state: &AppState) -> Result<Response<ResponseBody>, ApiError> {
         .iter()
         .map(|(status, count)| (status.as_str(), *count))
         .collect();
-    let text = state.metrics.render(state.streams.stream_count(), &jobs);
+    let mut text = state.metrics.render(state.streams.stream_count(), &jobs);
+    text.push_str(&state.webhooks.render_metrics());
     let mut response = full_response(Bytes::from(text));
     response.headers_mut().insert(
         CONTENT_TYPE,
@@ -245,6 +263,25 @@ mod tests {
     const PATIENCE: Duration = Duration::from_secs(10);
     /// Stands for `{job_id}` where no job is needed.
     const ANY_JOB_ID: &str = "00000000000000000000000000000000";
+    /// Stands for `{webhook_id}` where no webhook is needed.
+    const ANY_WEBHOOK_ID: &str = "wh_000000000000000000000000";
+
+    /// A new webhook of the test's user, so that each operation on one finds it (a delete
+    /// before the listing of its deliveries included).
+    fn webhook(state: &AppState) -> String {
+        let id = format!("wh_{}", crate::random::hex_token(12));
+        let subscription = crate::webhooks::Subscription {
+            id: id.clone(),
+            user_id: "router-test".to_owned(),
+            url: "http://192.0.2.1/hooks".to_owned(),
+            event_types: None,
+            key: crate::webhooks::SigningKey::generate(),
+            created_at: crate::time::now_rfc3339(),
+            disabled: false,
+        };
+        state.webhooks.add_unchecked(subscription).unwrap();
+        id
+    }
 
     fn document() -> Value {
         serde_json::from_str(DOCUMENT).expect("openapi.json is JSON")
@@ -369,7 +406,9 @@ mod tests {
                 if !METHODS.contains(&method.as_str()) {
                     continue;
                 }
-                let target = path.replace("{job_id}", job_id);
+                let target = path
+                    .replace("{job_id}", job_id)
+                    .replace("{webhook_id}", &webhook(&state));
                 let response = send(addr, &method, &target, &token, example_body(operation)).await;
                 let status = response.status();
                 assert!(
@@ -383,7 +422,11 @@ mod tests {
                 operations += 1;
             }
         }
-        assert_eq!(operations, ROUTES.len());
+        let routed: usize = ROUTES
+            .iter()
+            .map(|route| allow_list(route.allow).len())
+            .sum();
+        assert_eq!(operations, routed);
     }
 
     #[tokio::test]
@@ -395,7 +438,9 @@ mod tests {
             .issue("router-test", true, Duration::from_secs(600));
         for path in document["paths"].as_object().unwrap().keys() {
             let documented = documented_methods(&document, path);
-            let target = path.replace("{job_id}", ANY_JOB_ID);
+            let target = path
+                .replace("{job_id}", ANY_JOB_ID)
+                .replace("{webhook_id}", ANY_WEBHOOK_ID);
             for method in METHODS
                 .iter()
                 .filter(|method| !documented.contains(**method))

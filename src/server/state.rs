@@ -11,6 +11,7 @@ use crate::jobs::{ArtifactGenerator, ArtifactWorker, JobStore, MemoryJobStore, O
 use crate::log;
 use crate::metrics::Metrics;
 use crate::server::auth::Authenticator;
+use crate::webhooks::{MemoryWebhookStore, Webhooks};
 
 /// What every request handler can reach.
 pub struct AppState {
@@ -26,6 +27,10 @@ pub struct AppState {
     pub jobs: Arc<ArtifactWorker>,
     /// Counters for `GET /metrics`.
     pub metrics: Arc<Metrics>,
+    /// Users' webhooks and `WEBHOOK_URL`: registration, and delivery off the publish path.
+    pub webhooks: Arc<Webhooks>,
+    /// The webhooks' bus subscription, removed on drop.
+    webhook_subscription: Handler,
     /// Set when shutdown begins: the server still finishes what it has, but is not ready.
     draining: AtomicBool,
     /// The index's bus subscription (none when a relay feeds it), removed on drop.
@@ -49,7 +54,15 @@ impl AppState {
         let auth = Authenticator::from_config(&config, backends::tls_connector()).await?;
         let metrics = Arc::new(Metrics::default());
         let backends = backends::open(&config, &bus, &metrics).await?;
-        Ok(Self::assemble(config, bus, metrics, backends, auth))
+        let webhooks = Webhooks::new(
+            config.webhooks.clone(),
+            backends.webhook_store.clone(),
+            backends::tls_connector(),
+        )
+        .map_err(|error| error.to_string())?;
+        Ok(Self::assemble(
+            config, bus, metrics, backends, auth, webhooks,
+        ))
     }
 
     /// Builds the state around the given job store and generator, in memory otherwise. Job
@@ -69,9 +82,16 @@ impl AppState {
             bus_subscription: Some(streams.attach(&bus)),
             streams,
             database_claim: None,
+            webhook_store: Arc::new(MemoryWebhookStore::new()),
         };
         let auth = Authenticator::for_config(&config, None, None);
-        Self::assemble(config, bus, metrics, backends, auth)
+        let webhooks = Webhooks::new(
+            config.webhooks.clone(),
+            backends.webhook_store.clone(),
+            backends::tls_connector(),
+        )
+        .expect("the memory webhook store never fails");
+        Self::assemble(config, bus, metrics, backends, auth, webhooks)
     }
 
     fn assemble(
@@ -80,7 +100,9 @@ impl AppState {
         metrics: Arc<Metrics>,
         backends: Backends,
         auth: Authenticator,
+        webhooks: Arc<Webhooks>,
     ) -> Arc<Self> {
+        let webhook_subscription = webhooks.attach(&bus);
         let jobs = ArtifactWorker::new(
             backends.store,
             backends.generator,
@@ -94,6 +116,8 @@ impl AppState {
             auth,
             jobs,
             metrics,
+            webhooks,
+            webhook_subscription,
             draining: AtomicBool::new(false),
             bus_subscription: backends.bus_subscription,
             _database_claim: backends.database_claim,
@@ -127,5 +151,7 @@ impl Drop for AppState {
         if let Some(handler) = &self.bus_subscription {
             self.bus.unsubscribe(&EventType::ANY, handler);
         }
+        self.bus
+            .unsubscribe(&EventType::ANY, &self.webhook_subscription);
     }
 }

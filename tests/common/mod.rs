@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod model_server;
+pub mod receiver;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,11 +1,14 @@
 //! The SQLite file behind durable jobs and event history: how it is opened, its schema, and
-//! the two backends kept in it, the job store and the history sink.
+//! the backends kept in it: the job store, the history sink, and the webhook store (with the
+//! outbox of pending deliveries).
 
 mod history;
 mod job_store;
+mod webhook_store;
 
 pub use history::{open as open_history, HistoryWriter, WRITER_QUEUE_CAPACITY};
 pub use job_store::SqliteJobStore;
+pub use webhook_store::SqliteWebhookStore;
 
 use std::fmt;
 use std::fs::{File, OpenOptions, TryLockError};
@@ -57,6 +60,38 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE jobs ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
     UPDATE jobs SET size = 512 + length(id) + length(user_id) + length(notebook_id)
         + length(content) + coalesce(length(result), 0) + coalesce(length(error), 0);",
+    // 3: webhooks, the outbox of their pending deliveries (in the order they were queued),
+    // and each webhook's recent attempts.
+    "CREATE TABLE webhooks (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        user_id TEXT NOT NULL,
+        url TEXT NOT NULL,
+        event_types TEXT,
+        secret TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        disabled INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE webhook_outbox (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        webhook_id TEXT NOT NULL,
+        body TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        next_attempt_ms INTEGER NOT NULL
+    );
+    CREATE INDEX webhook_outbox_by_webhook ON webhook_outbox (webhook_id);
+    CREATE TABLE webhook_attempts (
+        seq INTEGER PRIMARY KEY,
+        webhook_id TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        at TEXT NOT NULL,
+        status INTEGER,
+        error TEXT,
+        duration_ms INTEGER NOT NULL
+    );
+    CREATE INDEX webhook_attempts_by_webhook ON webhook_attempts (webhook_id, seq);",
 ];
 
 /// The schema version this build writes.
@@ -91,6 +126,8 @@ pub struct SqliteBackends {
     pub store: SqliteJobStore,
     /// The stored replay history and the writer that goes on storing it, if asked for.
     pub history: Option<(History, HistoryWriter)>,
+    /// The durable webhook store: subscriptions, outbox and attempts.
+    pub webhooks: SqliteWebhookStore,
 }
 
 /// Claims the file at `path` and opens its job store and, with `history` limits, its stored
@@ -105,10 +142,12 @@ pub fn open_backends(
     let history = history
         .map(|limits| open_history(path, limits))
         .transpose()?;
+    let webhooks = SqliteWebhookStore::open(path)?;
     Ok(SqliteBackends {
         claim,
         store,
         history,
+        webhooks,
     })
 }
 

@@ -6,3 +6,4 @@ pub(crate) mod openapi;
 pub(super) mod page;
 pub(super) mod publish;
 pub(super) mod stream;
+pub(super) mod webhooks;
