@@ -176,7 +176,8 @@ function ops.update()
   return reply
 end
 
--- ARGV: consumer, min_idle_ms, max_retries, now, now_ms, retention_ms, overhead. Takes over
+-- ARGV: consumer, min_idle_ms ('' = sweep only), max_retries, now, now_ms, retention_ms,
+-- overhead. Forgets the jobs past their retention, and takes over
 -- the queue entries whose worker stopped renewing its claim (XAUTOCLAIM): a running job is
 -- queued again with the interrupted attempt counted, or failed when its retries are spent.
 -- Returns the jobs it changed.
@@ -184,6 +185,7 @@ function ops.requeue()
   ensure_group()
   sweep(tonumber(ARGV[7]), tonumber(ARGV[8]))
   local changed = {}
+  if ARGV[4] == '' then return changed end
   local cursor = '0-0'
   for _ = 1, 10 do
     local reply = redis.call('XAUTOCLAIM', Q, GROUP, ARGV[3], ARGV[4], cursor, 'COUNT', 100)

@@ -37,8 +37,9 @@
 //!
 //! # Locks
 //!
-//! `connection` and `claimed` are std mutexes, never held together and never across an
-//! `.await`; `connection` is held for one round trip to Redis.
+//! `connection`, `script_sha` and `claimed` are std mutexes, never held across an `.await`;
+//! `connection` is held for a round trip to Redis (two when the script is loaded), and the
+//! others only inside it, for a copy.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -74,6 +75,16 @@ pub struct RedisJobStore {
     signals: Mutex<Option<SharedSignals>>,
 }
 
+/// The connection operations go over.
+struct CommandConnection {
+    /// `None` after a failure, until a reconnect.
+    open: Option<Connection>,
+    /// When a reconnect was last tried.
+    last_try: Option<Instant>,
+    /// When it was last (re)connected: takeovers wait a claim timeout after it.
+    since: Instant,
+}
+
 /// What the store and its renewing thread share.
 struct Shared {
     client: Client,
@@ -83,8 +94,8 @@ struct Shared {
     limits: JobLimits,
     claim_timeout: Duration,
     retention: Duration,
-    /// The command connection, `None` after a failure; and when a connect was last tried.
-    connection: Mutex<(Option<Connection>, Option<Instant>)>,
+    /// The command connection and its state.
+    connection: Mutex<CommandConnection>,
     /// The script's SHA1 once Redis has it (`SCRIPT LOAD`); empty before.
     script_sha: Mutex<String>,
     /// Jobs this process claimed and has not finished: the claims to renew.
@@ -116,7 +127,11 @@ impl RedisJobStore {
             },
             claim_timeout,
             retention,
-            connection: Mutex::new((Some(connection), None)),
+            connection: Mutex::new(CommandConnection {
+                open: Some(connection),
+                last_try: None,
+                since: Instant::now(),
+            }),
             script_sha: Mutex::new(String::new()),
             claimed: Mutex::new(HashSet::new()),
             closed: AtomicBool::new(false),
@@ -328,7 +343,12 @@ impl JobStore for RedisJobStore {
         let shared = &self.shared;
         let args = [
             shared.consumer.clone(),
-            millis(shared.claim_timeout),
+            // Empty: only the retention sweep.
+            if shared.may_take_over() {
+                millis(shared.claim_timeout)
+            } else {
+                String::new()
+            },
             max_retries.to_string(),
             crate::time::now_rfc3339(),
             crate::time::unix_millis().to_string(),
@@ -377,25 +397,37 @@ impl Shared {
         command: impl FnOnce(&mut Connection) -> RedisResult<T>,
     ) -> Result<T, StoreError> {
         let mut guard = lock(&self.connection);
-        let (connection, last_try) = &mut *guard;
-        if connection.is_none() {
-            if last_try.is_some_and(|at| at.elapsed() < RECONNECT_EVERY) {
-                return Err(StoreError::Unavailable("Redis is unreachable".to_owned()));
+        let state = &mut *guard;
+        let open = match &mut state.open {
+            Some(open) => open,
+            None => {
+                if state.last_try.is_some_and(|at| at.elapsed() < RECONNECT_EVERY) {
+                    return Err(StoreError::Unavailable("Redis is unreachable".to_owned()));
+                }
+                state.last_try = Some(Instant::now());
+                let connection = connect(&self.client).map_err(|error| classify(&error))?;
+                log::info!("the job store is connected to Redis again");
+                state.since = Instant::now();
+                state.open.insert(connection)
             }
-            *last_try = Some(Instant::now());
-            *connection = Some(connect(&self.client).map_err(|error| classify(&error))?);
-            log::info!("the job store is connected to Redis again");
-        }
-        let open = connection.as_mut().expect("connected above");
+        };
         command(open).map_err(|error| {
             let classified = classify(&error);
             if matches!(classified, StoreError::Unavailable(_)) {
                 log::error!("the job store lost Redis: {error}");
-                *connection = None;
-                *last_try = Some(Instant::now());
+                state.open = None;
+                state.last_try = Some(Instant::now());
             }
             classified
         })
+    }
+
+    /// Whether this process has had Redis for a claim timeout: before that, a live worker
+    /// may not have renewed its claims since Redis came back (or since this process started),
+    /// so an idle entry does not yet prove its worker dead.
+    fn may_take_over(&self) -> bool {
+        let state = lock(&self.connection);
+        state.open.is_some() && state.since.elapsed() >= self.claim_timeout
     }
 
     /// Calls the script's operation `op`, loading the script into Redis when it lacks it.
@@ -409,22 +441,22 @@ impl Shared {
                 .arg(args)
                 .query::<T>(connection)
         };
-        let sha = lock(&self.script_sha).clone();
-        if !sha.is_empty() {
-            match self.run(|connection| call(connection, &sha)) {
-                Err(StoreError::Failed(why)) if why.contains("NOSCRIPT") => {}
-                done => return done,
+        let known = lock(&self.script_sha).clone();
+        self.run(|connection| {
+            if !known.is_empty() {
+                match call(connection, &known) {
+                    Err(error) if error.code() == Some("NOSCRIPT") => {}
+                    done => return done,
+                }
             }
-        }
-        // First use, or a Redis restarted without the script.
-        let sha: String = self.run(|connection| {
-            redis::cmd("SCRIPT")
+            // First use, or a Redis restarted without the script.
+            let sha: String = redis::cmd("SCRIPT")
                 .arg("LOAD")
                 .arg(SCRIPT)
-                .query(connection)
-        })?;
-        lock(&self.script_sha).clone_from(&sha);
-        self.run(|connection| call(connection, &sha))
+                .query(connection)?;
+            lock(&self.script_sha).clone_from(&sha);
+            call(connection, &sha)
+        })
     }
 
     /// Renews the claims of the jobs this process runs.
