@@ -437,7 +437,9 @@ mod redis {
     use super::*;
 
     fn redis_url() -> Option<String> {
-        let url = std::env::var("REDIS_URL").ok().filter(|url| !url.is_empty());
+        let url = std::env::var("REDIS_URL")
+            .ok()
+            .filter(|url| !url.is_empty());
         if url.is_none() {
             eprintln!("skipped: REDIS_URL is not set (start a redis-server and export it)");
         }
@@ -498,7 +500,11 @@ mod redis {
         assert_eq!(claimed.len(), distinct.len(), "a job was claimed twice");
         assert_eq!(distinct, created);
         let counts = seeding.count_by_status().unwrap();
-        assert_eq!(counts[1], (JobStatus::Running, 300), "seen from any process");
+        assert_eq!(
+            counts[1],
+            (JobStatus::Running, 300),
+            "seen from any process"
+        );
     }
 
     #[test]
@@ -536,7 +542,10 @@ mod redis {
             Some("interrupted by a server restart during attempt 2, and no retries were left")
         );
         let taken = live.claim_next().unwrap().expect("the requeued job");
-        assert_eq!((taken.id.as_str(), taken.retry_count), (first.id.as_str(), 1));
+        assert_eq!(
+            (taken.id.as_str(), taken.retry_count),
+            (first.id.as_str(), 1)
+        );
         assert_eq!(live.claim_next().unwrap(), None);
     }
 
@@ -556,7 +565,11 @@ mod redis {
             assert!(other.requeue_interrupted(1).unwrap().is_empty());
         }
         let Updated::Applied(done) = slow
-            .update(&kept.id, &[JobStatus::Running], JobChange::to(JobStatus::Completed))
+            .update(
+                &kept.id,
+                &[JobStatus::Running],
+                JobChange::to(JobStatus::Completed),
+            )
             .unwrap()
         else {
             panic!("the claim is still the slow worker's");
@@ -574,13 +587,21 @@ mod redis {
         assert_eq!(other.claim_next().unwrap().unwrap().id, lost.id);
         assert_eq!(
             patient
-                .update(&lost.id, &[JobStatus::Running], JobChange::to(JobStatus::Completed))
+                .update(
+                    &lost.id,
+                    &[JobStatus::Running],
+                    JobChange::to(JobStatus::Completed)
+                )
                 .unwrap(),
             Updated::Refused(JobStatus::Running)
         );
         assert!(matches!(
             other
-                .update(&lost.id, &[JobStatus::Running], JobChange::to(JobStatus::Completed))
+                .update(
+                    &lost.id,
+                    &[JobStatus::Running],
+                    JobChange::to(JobStatus::Completed)
+                )
                 .unwrap(),
             Updated::Applied(_)
         ));
@@ -602,12 +623,19 @@ mod redis {
         store.create(finished.clone()).unwrap();
         store.create(queued.clone()).unwrap();
         store
-            .update(&finished.id, &[JobStatus::Queued], JobChange::to(JobStatus::Failed))
+            .update(
+                &finished.id,
+                &[JobStatus::Queued],
+                JobChange::to(JobStatus::Failed),
+            )
             .unwrap();
         std::thread::sleep(retention * 2);
         store.requeue_interrupted(1).unwrap();
         assert_eq!(store.get(&finished.id).unwrap(), None);
-        assert!(store.get(&queued.id).unwrap().is_some(), "unfinished jobs stay");
+        assert!(
+            store.get(&queued.id).unwrap().is_some(),
+            "unfinished jobs stay"
+        );
         assert_eq!(ids(&store.list("alice", &all(10)).unwrap()), [&queued.id]);
         assert_eq!(store.count_by_status().unwrap()[3], (JobStatus::Failed, 0));
     }

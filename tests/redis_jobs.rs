@@ -29,7 +29,9 @@ fn summary() -> Value {
 }
 
 fn redis_url() -> Option<String> {
-    let url = std::env::var("REDIS_URL").ok().filter(|url| !url.is_empty());
+    let url = std::env::var("REDIS_URL")
+        .ok()
+        .filter(|url| !url.is_empty());
     if url.is_none() {
         eprintln!("skipped: REDIS_URL is not set (start a redis-server and export it)");
     }
@@ -93,7 +95,10 @@ impl Process {
     async fn wait_until_processing(&mut self, job_id: &str) {
         let started = Instant::now();
         while !self.processed().iter().any(|id| id == job_id) {
-            assert!(started.elapsed() < PATIENCE, "job {job_id} never started here");
+            assert!(
+                started.elapsed() < PATIENCE,
+                "job {job_id} never started here"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -211,7 +216,11 @@ async fn a_job_submitted_on_one_process_is_read_listed_and_cancelled_on_others()
     .await;
     assert_eq!(reply.json()["jobs"][0]["job_id"], job_id.as_str());
     let (status, _) = get_job(b.addr(), &binary_token("mallory"), &job_id).await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "another user's job is not found");
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "another user's job is not found"
+    );
     let metrics = send(b.addr(), request("GET", "/metrics", None, "")).await;
     let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
     assert!(
@@ -228,7 +237,9 @@ async fn a_job_submitted_on_one_process_is_read_listed_and_cancelled_on_others()
     let after = events_until_sentinel(&mut on_b, a.addr(), "alice", PATIENCE).await;
     assert_eq!(after, Vec::<&str>::new(), "after artifact.cancelled");
     assert!(
-        a.log().iter().any(|line| line.contains("cancelled by another process")),
+        a.log()
+            .iter()
+            .any(|line| line.contains("cancelled by another process")),
         "the running process announced it"
     );
     let (_, job) = get_job(a.addr(), &token, &job_id).await;
@@ -255,7 +266,12 @@ async fn a_burst_submitted_to_one_process_is_worked_by_every_process() {
     loop {
         let reply = send(
             b.addr(),
-            request("GET", "/ai/artifact/jobs?status=completed&limit=100", Some(&token), ""),
+            request(
+                "GET",
+                "/ai/artifact/jobs?status=completed&limit=100",
+                Some(&token),
+                "",
+            ),
         )
         .await;
         let metrics = send(b.addr(), request("GET", "/metrics", None, "")).await;
@@ -282,7 +298,10 @@ async fn a_sigkilled_processs_job_is_taken_over_and_completed_once() {
     let Some(url) = redis_url() else { return };
     let cluster = Cluster::new(&url);
     let claim_timeout = Duration::from_secs(2);
-    let settings = [("GENERATOR_DELAY_MS", "1500"), ("JOB_CLAIM_TIMEOUT_SECS", "2")];
+    let settings = [
+        ("GENERATOR_DELAY_MS", "1500"),
+        ("JOB_CLAIM_TIMEOUT_SECS", "2"),
+    ];
     let mut a = cluster.start(&settings);
     let token = binary_token("alice");
     let job_id = common::generate(a.addr(), &token, &summary()).await;
@@ -302,7 +321,10 @@ async fn a_sigkilled_processs_job_is_taken_over_and_completed_once() {
     );
     let kinds = events_until(&mut on_b, "completed", PATIENCE).await;
     let after = events_until_sentinel(&mut on_b, b.addr(), "alice", PATIENCE).await;
-    let completed = kinds.iter().chain(&after).filter(|kind| **kind == "completed");
+    let completed = kinds
+        .iter()
+        .chain(&after)
+        .filter(|kind| **kind == "completed");
     assert_eq!(completed.count(), 1, "{kinds:?} then {after:?}");
     let (_, job) = get_job(b.addr(), &token, &job_id).await;
     assert_eq!(job["status"], "completed");
@@ -314,7 +336,10 @@ async fn a_worker_slower_than_the_claim_timeout_keeps_its_job() {
     let Some(url) = redis_url() else { return };
     let cluster = Cluster::new(&url);
     // Two generator calls of 1.5 s each: the job runs three claim timeouts.
-    let settings = [("GENERATOR_DELAY_MS", "1500"), ("JOB_CLAIM_TIMEOUT_SECS", "1")];
+    let settings = [
+        ("GENERATOR_DELAY_MS", "1500"),
+        ("JOB_CLAIM_TIMEOUT_SECS", "1"),
+    ];
     let mut a = cluster.start(&settings);
     let token = binary_token("alice");
     let job_id = common::generate(a.addr(), &token, &summary()).await;
@@ -326,8 +351,15 @@ async fn a_worker_slower_than_the_claim_timeout_keeps_its_job() {
     assert_eq!(after, Vec::<&str>::new());
     assert!(!kinds.contains(&"started"), "started again: {kinds:?}");
     let (_, job) = get_job(b.addr(), &token, &job_id).await;
-    assert_eq!((job["status"].as_str(), job["retry_count"].as_u64()), (Some("completed"), Some(0)));
-    assert_eq!(a.processed(), [job_id.clone()], "the generator ran once, on A");
+    assert_eq!(
+        (job["status"].as_str(), job["retry_count"].as_u64()),
+        (Some("completed"), Some(0))
+    );
+    assert_eq!(
+        a.processed(),
+        [job_id.clone()],
+        "the generator ran once, on A"
+    );
     assert!(b.processed().is_empty(), "B never took it over");
 }
 
@@ -362,7 +394,14 @@ impl PersistentRedis {
     fn restart(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "yes", "--appendfsync", "always"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
             .arg("--dir")
             .arg(&self.directory.0)
             .stdout(Stdio::null())
@@ -420,10 +459,19 @@ async fn redis_killed_and_restarted_mid_run_loses_duplicates_and_strands_no_job(
         request("POST", path, Some(&token), summary().to_string()),
     )
     .await;
-    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", refused.body);
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{:?}",
+        refused.body
+    );
     assert!(refused.headers.contains_key("retry-after"));
     let (status, _) = get_job(b.addr(), &token, &accepted[0]).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "status reads need Redis");
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "status reads need Redis"
+    );
     // Long enough for running jobs to finish their attempts and wait to store the outcome.
     tokio::time::sleep(Duration::from_secs(1)).await;
     redis.restart();

@@ -209,6 +209,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn jobs_live_in_redis_or_in_sqlite_never_both_at_once() {
+        let mut config = Config::with_secret("s");
+        config.database_path = Some("/var/lib/artifact-events.db".into());
+        config.redis = Some(crate::config::RedisSettings {
+            url: "redis://127.0.0.1:6379".to_owned(),
+            stream_key: "s".to_owned(),
+            max_len: 10,
+            outbox_capacity: 10,
+        });
+        let error = check(&config).unwrap_err();
+        if cfg!(all(feature = "sqlite", feature = "redis")) {
+            assert!(error.contains("DATABASE_PATH and REDIS_URL are both set"), "{error}");
+            assert!(error.contains("jobs live in Redis"), "{error}");
+        }
+    }
+
+    #[test]
     fn a_setting_the_build_lacks_the_feature_for_is_refused_never_ignored() {
         let mut config = Config::with_secret("s");
         assert_eq!(check(&config), Ok(()));

@@ -268,13 +268,12 @@ impl JobStore for RedisJobStore {
         let shared = &self.shared;
         // A change this process makes to a job it claimed, other than a cancel (which its
         // owner may make anywhere), needs the claim still to be this process's.
-        let claimant = if change.status != JobStatus::Cancelled
-            && lock(&shared.claimed).contains(job_id)
-        {
-            shared.consumer.clone()
-        } else {
-            String::new()
-        };
+        let claimant =
+            if change.status != JobStatus::Cancelled && lock(&shared.claimed).contains(job_id) {
+                shared.consumer.clone()
+            } else {
+                String::new()
+            };
         let expected: Vec<&str> = expected.iter().map(|status| status.as_str()).collect();
         let args = [
             job_id.to_owned(),
@@ -286,7 +285,10 @@ impl JobStore for RedisJobStore {
             change.status.as_str().to_owned(),
             expected.join(","),
             flag(change.result.is_some()),
-            change.result.as_ref().map_or(String::new(), Value::to_string),
+            change
+                .result
+                .as_ref()
+                .map_or(String::new(), Value::to_string),
             change
                 .result
                 .as_ref()
@@ -318,8 +320,13 @@ impl JobStore for RedisJobStore {
 
     fn queued_ids(&self) -> Result<Vec<String>, StoreError> {
         let key = format!("{}:queued", self.shared.prefix);
-        self.shared
-            .run(|connection| redis::cmd("ZRANGE").arg(&key).arg(0).arg(-1).query(connection))
+        self.shared.run(|connection| {
+            redis::cmd("ZRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(-1)
+                .query(connection)
+        })
     }
 
     fn count_by_status(&self) -> Result<Vec<(JobStatus, usize)>, StoreError> {
@@ -401,7 +408,10 @@ impl Shared {
         let open = match &mut state.open {
             Some(open) => open,
             None => {
-                if state.last_try.is_some_and(|at| at.elapsed() < RECONNECT_EVERY) {
+                if state
+                    .last_try
+                    .is_some_and(|at| at.elapsed() < RECONNECT_EVERY)
+                {
                     return Err(StoreError::Unavailable("Redis is unreachable".to_owned()));
                 }
                 state.last_try = Some(Instant::now());
@@ -584,7 +594,10 @@ fn job_fields(job: &Job) -> Vec<(&'static str, String)> {
         ("retry_count", job.retry_count.to_string()),
         (
             "result_bytes",
-            job.result.as_ref().map_or(0, crate::jobs::json_bytes).to_string(),
+            job.result
+                .as_ref()
+                .map_or(0, crate::jobs::json_bytes)
+                .to_string(),
         ),
     ];
     if let Some(result) = &job.result {
@@ -629,7 +642,12 @@ fn job_from_fields(flat: &[String]) -> Result<Job, StoreError> {
             .ok_or_else(|| bad("artifact_type"))?,
         content: text("content")?,
         count: usize::try_from(number("count")?).map_err(|_| bad("count"))?,
-        status: parse_status(fields.get("status").map(|status| (*status).to_owned()).as_ref())?,
+        status: parse_status(
+            fields
+                .get("status")
+                .map(|status| (*status).to_owned())
+                .as_ref(),
+        )?,
         created_at: text("created_at")?,
         updated_at: text("updated_at")?,
         result,

@@ -369,7 +369,10 @@ impl ArtifactWorker {
     async fn store_outcome(&self, job_id: &str, change: JobChange) -> Result<Updated, StoreError> {
         let mut pause = Duration::from_millis(50);
         loop {
-            match self.store.update(job_id, &[JobStatus::Running], change.clone()) {
+            match self
+                .store
+                .update(job_id, &[JobStatus::Running], change.clone())
+            {
                 Err(StoreError::Unavailable(why)) => {
                     log::warning!("job {job_id}: cannot store its outcome yet ({why}); retrying");
                     tokio::time::sleep(pause).await;
