@@ -220,7 +220,10 @@ mod tests {
         });
         let error = check(&config).unwrap_err();
         if cfg!(all(feature = "sqlite", feature = "redis")) {
-            assert!(error.contains("DATABASE_PATH and REDIS_URL are both set"), "{error}");
+            assert!(
+                error.contains("DATABASE_PATH and REDIS_URL are both set"),
+                "{error}"
+            );
             assert!(error.contains("jobs live in Redis"), "{error}");
         }
     }
