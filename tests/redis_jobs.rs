@@ -355,11 +355,7 @@ async fn a_worker_slower_than_the_claim_timeout_keeps_its_job() {
         (job["status"].as_str(), job["retry_count"].as_u64()),
         (Some("completed"), Some(0))
     );
-    assert_eq!(
-        a.processed(),
-        [job_id.clone()],
-        "the generator ran once, on A"
-    );
+    assert_eq!(a.processed(), [job_id], "the generator ran once, on A");
     assert!(b.processed().is_empty(), "B never took it over");
 }
 

@@ -18,6 +18,8 @@ use crate::panic::catch_unwind;
 
 /// Repairs tried on invalid output before an attempt fails; the seed's error text names it.
 pub const MAX_REPAIR_ATTEMPTS: usize = 2;
+/// First pause before trying again to store a finished job's outcome.
+const FIRST_STORE_RETRY: Duration = Duration::from_millis(50);
 /// Longest pause between attempts to store a finished job's outcome while the store is out of
 /// reach; the outcome is kept until it is stored.
 const STORE_RETRY_MAX: Duration = Duration::from_secs(2);
@@ -191,6 +193,11 @@ impl ArtifactWorker {
                     .into_iter()
                     .filter(|job| job.status == JobStatus::Failed)
                     .collect()
+            }
+            // The outage is logged where it starts; this runs every few seconds meanwhile.
+            Err(error @ StoreError::Unavailable(_)) => {
+                log::debug!("cannot look for interrupted jobs: {error}");
+                Vec::new()
             }
             Err(error) => {
                 log::error!("cannot requeue interrupted jobs: {error}");
@@ -367,18 +374,27 @@ impl ArtifactWorker {
     /// Stores a finished job's outcome; while the store is out of reach, keeps it and tries
     /// again, so an outage delays the outcome but does not lose it.
     async fn store_outcome(&self, job_id: &str, change: JobChange) -> Result<Updated, StoreError> {
-        let mut pause = Duration::from_millis(50);
+        let mut pause = FIRST_STORE_RETRY;
         loop {
             match self
                 .store
                 .update(job_id, &[JobStatus::Running], change.clone())
             {
                 Err(StoreError::Unavailable(why)) => {
-                    log::warning!("job {job_id}: cannot store its outcome yet ({why}); retrying");
+                    if pause == FIRST_STORE_RETRY {
+                        log::warning!(
+                            "job {job_id}: cannot store its outcome yet ({why}); keeping it until the store is back"
+                        );
+                    }
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(STORE_RETRY_MAX);
                 }
-                stored => return stored,
+                stored => {
+                    if pause > FIRST_STORE_RETRY {
+                        log::info!("job {job_id}: its outcome is stored, the store is back");
+                    }
+                    return stored;
+                }
             }
         }
     }
