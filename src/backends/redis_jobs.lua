@@ -222,15 +222,20 @@ function ops.requeue()
 end
 
 -- ARGV: consumer, ids... Resets the idle time of the consumer's entries of jobs it still runs,
--- so that no other process takes them over.
+-- so that no other process takes them over. Returns the ids of finished (or forgotten) jobs,
+-- which need no more renewing; a job taken over stays the caller's concern until its worker's
+-- update is refused.
 function ops.renew()
+  local finished = {}
   for i = 4, #ARGV do
     local f = redis.call('HMGET', jobkey(ARGV[i]), 'status', 'worker', 'entry')
     if f[1] == 'running' and f[2] == ARGV[3] and f[3] then
       redis.call('XCLAIM', Q, GROUP, ARGV[3], 0, f[3], 'JUSTID')
+    elseif not f[1] or is_finished(f[1]) then
+      finished[#finished + 1] = ARGV[i]
     end
   end
-  return 0
+  return finished
 end
 
 return ops[ARGV[1]]()

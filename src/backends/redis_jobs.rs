@@ -469,21 +469,27 @@ impl Shared {
         })
     }
 
-    /// Renews the claims of the jobs this process runs.
+    /// Renews the claims of the jobs this process runs, and forgets those of finished jobs (a
+    /// job cancelled while it ran is never updated by its worker).
     fn renew(&self, connection: &mut Connection) -> RedisResult<()> {
         let ids: Vec<String> = lock(&self.claimed).iter().cloned().collect();
         if ids.is_empty() {
             return Ok(());
         }
         // The script text, not its SHA: this connection may be to a Redis that lost it.
-        redis::cmd("EVAL")
+        let finished: Vec<String> = redis::cmd("EVAL")
             .arg(SCRIPT)
             .arg(0)
             .arg("renew")
             .arg(&self.prefix)
             .arg(&self.consumer)
             .arg(ids)
-            .query(connection)
+            .query(connection)?;
+        let mut claimed = lock(&self.claimed);
+        for id in &finished {
+            claimed.remove(id);
+        }
+        Ok(())
     }
 }
 
@@ -545,7 +551,7 @@ impl Listener {
     }
 }
 
-/// The client for `settings`, with the URL's password kept out of errors.
+/// A connection whose connect and every command are bounded by `COMMAND_TIMEOUT`.
 fn connect(client: &Client) -> RedisResult<Connection> {
     let connection = client.get_connection_with_timeout(COMMAND_TIMEOUT)?;
     connection.set_read_timeout(Some(COMMAND_TIMEOUT))?;
