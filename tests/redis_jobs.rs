@@ -503,3 +503,58 @@ async fn redis_killed_and_restarted_mid_run_loses_duplicates_and_strands_no_job(
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_cancel_of_a_job_whose_process_died_is_announced_by_the_cancelling_process() {
+    let Some(url) = redis_url() else { return };
+    let cluster = Cluster::new(&url);
+    let settings = [
+        ("GENERATOR_DELAY_MS", "3000"),
+        ("JOB_CLAIM_TIMEOUT_SECS", "1"),
+    ];
+    let mut a = cluster.start(&settings);
+    let token = binary_token("alice");
+    let job_id = common::generate(a.addr(), &token, &summary()).await;
+    a.wait_until_processing(&job_id).await;
+    let mut b = cluster.start(&settings);
+    let mut on_b = SseClient::connected(b.addr(), &token).await;
+    a.server.kill();
+
+    let path = format!("/ai/artifact/jobs/{job_id}/cancel");
+    let reply = send(b.addr(), request("POST", &path, Some(&token), "")).await;
+    assert_eq!(reply.status, StatusCode::OK, "body: {:?}", reply.body);
+    let kinds = events_until(&mut on_b, "cancelled", PATIENCE).await;
+    assert_eq!(kinds.iter().filter(|kind| **kind == "cancelled").count(), 1);
+    // Time for B's takeover scans to reach the dead claim (B waits a claim timeout, then looks
+    // every quarter of it): a rerun would publish artifact.started before the sentinel.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = events_until_sentinel(&mut on_b, b.addr(), "alice", PATIENCE).await;
+    assert_eq!(after, Vec::<&str>::new(), "after artifact.cancelled");
+    assert!(b.processed().is_empty(), "B ran the cancelled job");
+    let (_, job) = get_job(b.addr(), &token, &job_id).await;
+    assert_eq!(job["status"], "cancelled");
+}
+
+#[test]
+fn redis_and_sqlite_together_are_refused_with_the_reason() {
+    let output = Command::new(common::BINARY)
+        .env("JWT_SECRET", common::SECRET)
+        .env("ADDR", "127.0.0.1:0")
+        .env("REDIS_URL", "redis://127.0.0.1:1")
+        .env("DATABASE_PATH", "/tmp/never-created.db")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "a configuration error: {stderr}"
+    );
+    if cfg!(feature = "sqlite") {
+        assert!(
+            stderr.contains("DATABASE_PATH and REDIS_URL are both set")
+                && stderr.contains("jobs live in Redis"),
+            "{stderr}"
+        );
+    }
+}
