@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 smoke=false
 [ "${1:-}" = "--smoke" ] && smoke=true
-export JWT_SECRET="${JWT_SECRET:-bench-secret-$$}"
+export JWT_SECRET="${JWT_SECRET:-bench-secret-$$-0123456789abcdef0123456789}"
 results=$(mktemp -d)
 port=18400
 server_pid=""

@@ -12,7 +12,12 @@ use crate::delivery::{HistoryLimits, StreamSettings};
 use crate::jobs::generator::OpenAiSettings;
 use crate::log::{Format as LogFormat, Level};
 use crate::secret::Secret;
+use crate::server::ClaimRules;
 
+/// Default seconds of clock skew tolerated on a token's `exp` and `nbf`.
+pub const DEFAULT_JWT_LEEWAY_SECS: u64 = 30;
+/// The shortest `JWT_SECRET` accepted: 256 bits, the size of an HS256 key.
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
 /// Where the server listens unless `ADDR` or `--addr` says otherwise.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8000";
 /// Seconds between `: keepalive` comments on an idle stream; also bounds how long a vanished
@@ -93,12 +98,22 @@ pub const DEFAULT_LLM_MAX_TOKENS: u32 = 8192;
 pub struct Config {
     /// The listening address (`ADDR`).
     pub addr: SocketAddr,
-    /// The HMAC secret that signs and verifies JWTs (`JWT_SECRET`).
-    pub jwt_secret: Secret,
-    /// True when `JWT_SECRET` was unset and `jwt_secret` is random for this run.
+    /// The HMAC secret that signs and verifies JWTs (`JWT_SECRET`); `None` when only an
+    /// identity provider's keys are accepted.
+    pub jwt_secret: Option<Secret>,
+    /// True when no key was configured at all and `jwt_secret` is random for this run.
     pub development_secret: bool,
-    /// The one JWT algorithm accepted (`JWT_ALGORITHM`: HS256, HS384 or HS512).
+    /// The HMAC algorithm of `jwt_secret` (`JWT_ALGORITHM`: HS256, HS384 or HS512).
     pub jwt_algorithm: Algorithm,
+    /// A PEM file with the identity provider's public key (`JWT_PUBLIC_KEY_FILE`).
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// The identity provider's JWKS document (`JWT_JWKS_URL`).
+    pub jwt_jwks_url: Option<String>,
+    /// Audience, issuer, leeway and accepted algorithms (`JWT_AUDIENCE`, `JWT_ISSUER`,
+    /// `JWT_LEEWAY_SECS`, `JWT_ALGORITHMS`).
+    pub jwt_rules: ClaimRules,
+    /// Where `/metrics` is served instead of the public listener (`METRICS_ADDR`).
+    pub metrics_addr: Option<SocketAddr>,
     /// Interval between keepalive comments (`SSE_KEEPALIVE_SECS`).
     pub keepalive: Duration,
     /// Per-stream queue bound in frames (`SSE_QUEUE_CAPACITY`).
@@ -224,9 +239,16 @@ impl Config {
             addr: DEFAULT_ADDR
                 .parse()
                 .expect("DEFAULT_ADDR is a valid address"),
-            jwt_secret: Secret::new(jwt_secret),
+            jwt_secret: Some(Secret::new(jwt_secret)),
             development_secret: false,
             jwt_algorithm: Algorithm::HS256,
+            jwt_public_key_file: None,
+            jwt_jwks_url: None,
+            jwt_rules: ClaimRules {
+                leeway_secs: DEFAULT_JWT_LEEWAY_SECS,
+                ..ClaimRules::default()
+            },
+            metrics_addr: None,
             keepalive: Duration::from_secs(DEFAULT_KEEPALIVE_SECS),
             stream_queue_capacity: DEFAULT_STREAM_QUEUE_CAPACITY,
             stream_queue_max_bytes: DEFAULT_STREAM_QUEUE_MAX_BYTES,
@@ -261,7 +283,8 @@ impl Config {
         }
     }
 
-    /// Reads the environment; an unset `JWT_SECRET` gives a random development secret.
+    /// Reads the environment; with no key at all (`JWT_SECRET`, `JWT_PUBLIC_KEY_FILE`,
+    /// `JWT_JWKS_URL`), tokens are signed with a random development secret.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|variable| std::env::var(variable).ok())
     }
@@ -269,15 +292,43 @@ impl Config {
     /// Reads the settings as `from_env` does, from `lookup` (a variable's name to its value).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let lookup: &dyn Fn(&str) -> Option<String> = &lookup;
-        let (jwt_secret, development_secret) = match lookup("JWT_SECRET") {
-            Some(secret) if !secret.is_empty() => (secret, false),
-            _ => (crate::random::hex_token(32), true),
+        let public_key_file = env_value(lookup, "JWT_PUBLIC_KEY_FILE").map(PathBuf::from);
+        let jwks_url = env_value(lookup, "JWT_JWKS_URL").map(|url| url.trim().to_owned());
+        let (jwt_secret, development_secret) = match env_value(lookup, "JWT_SECRET") {
+            Some(secret) if secret.len() < MIN_JWT_SECRET_BYTES => {
+                return Err(invalid(
+                    "JWT_SECRET",
+                    format!(
+                        "is {} bytes, and at least {MIN_JWT_SECRET_BYTES} are needed: an HS256 \
+                         secret that short can be brute-forced offline from any token it signed. \
+                         Make one with `openssl rand -hex 32`, or unset JWT_SECRET for \
+                         development mode",
+                        secret.len()
+                    ),
+                ))
+            }
+            Some(secret) => (Some(secret), false),
+            None if public_key_file.is_some() || jwks_url.is_some() => (None, false),
+            None => (Some(crate::random::hex_token(32)), true),
         };
-        let mut config = Config::with_secret(jwt_secret);
+        let mut config = Config::with_secret("");
+        config.jwt_secret = jwt_secret.map(Secret::new);
         config.development_secret = development_secret;
+        config.jwt_public_key_file = public_key_file;
+        if let Some(url) = jwks_url {
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                return Err(invalid(
+                    "JWT_JWKS_URL",
+                    "expected an http:// or https:// URL",
+                ));
+            }
+            config.jwt_jwks_url = Some(url);
+        }
+        config.jwt_rules = jwt_rules(lookup)?;
         if let Some(addr) = env_parse::<SocketAddr>(lookup, "ADDR")? {
             config.addr = addr;
         }
+        config.metrics_addr = env_parse::<SocketAddr>(lookup, "METRICS_ADDR")?;
         if let Some(name) = env_value(lookup, "JWT_ALGORITHM") {
             config.jwt_algorithm = match name.as_str() {
                 "HS256" => Algorithm::HS256,
@@ -436,6 +487,47 @@ impl Config {
             attempt_timeout: self.job_timeout,
         }
     }
+}
+
+/// The claim rules from `JWT_AUDIENCE`, `JWT_ISSUER`, `JWT_LEEWAY_SECS` and `JWT_ALGORITHMS`.
+fn jwt_rules(lookup: &dyn Fn(&str) -> Option<String>) -> Result<ClaimRules, ConfigError> {
+    let audience = env_value(lookup, "JWT_AUDIENCE")
+        .map(|list| {
+            list.split(',')
+                .map(|audience| audience.trim().to_owned())
+                .filter(|audience| !audience.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    let algorithms = env_value(lookup, "JWT_ALGORITHMS")
+        .map(|list| {
+            list.split(',')
+                .map(str::trim)
+                .filter(|name| !name.is_empty())
+                .map(|name| {
+                    if name.eq_ignore_ascii_case("none") {
+                        return Err(invalid("JWT_ALGORITHMS", "none is never accepted"));
+                    }
+                    Algorithm::from_str(name).map_err(|_| {
+                        invalid(
+                            "JWT_ALGORITHMS",
+                            format!("{name:?} is not one of HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA"),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
+    if algorithms.as_ref().is_some_and(Vec::is_empty) {
+        return Err(invalid("JWT_ALGORITHMS", "names no algorithm"));
+    }
+    Ok(ClaimRules {
+        audience,
+        issuer: env_value(lookup, "JWT_ISSUER").map(|issuer| issuer.trim().to_owned()),
+        leeway_secs: env_parse::<u64>(lookup, "JWT_LEEWAY_SECS")?
+            .unwrap_or(DEFAULT_JWT_LEEWAY_SECS),
+        algorithms,
+    })
 }
 
 /// The model server's settings when `GENERATOR=openai`; `None` for the offline generator. The

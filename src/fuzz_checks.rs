@@ -308,7 +308,7 @@ impl FuzzServer {
             .build()
             .expect("a current-thread runtime builds");
         let config = Config::with_secret("fuzz-server-secret");
-        let auth = Authenticator::new(config.jwt_secret.expose().as_bytes(), config.jwt_algorithm);
+        let auth = Authenticator::new(b"fuzz-server-secret", config.jwt_algorithm);
         // Outlives any fuzzing run.
         let ttl = std::time::Duration::from_secs(365 * 86_400);
         FuzzServer {
@@ -375,7 +375,8 @@ async fn check_response(response: Response<ResponseBody>) {
                 assert!(body["error"].is_string(), "{status}: {body}");
             }
         }
-        Either::Right(mut stream) => {
+        Either::Right(stream) => {
+            let mut stream = std::pin::pin!(stream);
             assert_eq!(status, StatusCode::OK);
             assert_eq!(
                 content_type.expect("a stream has a content-type"),
@@ -398,18 +399,26 @@ async fn check_response(response: Response<ResponseBody>) {
     }
 }
 
+/// Runs a verification on the fuzz server's runtime: with an HMAC key only, it never waits.
+fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
+    fuzz_server().runtime.block_on(future)
+}
+
 fn reject_everything(input: &[u8]) {
     static UNKNOWN: OnceLock<Authenticator> = OnceLock::new();
     let auth = UNKNOWN.get_or_init(|| {
         Authenticator::new(crate::random::hex_token(32).as_bytes(), Algorithm::HS256)
     });
     let token = String::from_utf8_lossy(input);
-    assert!(auth.verify(&token).is_err(), "accepted {token:?}");
+    assert!(block_on(auth.verify(&token)).is_err(), "accepted {token:?}");
     for value in [input.to_vec(), [b"Bearer ", input].concat()] {
         if let Ok(value) = HeaderValue::from_bytes(&value) {
             let mut headers = HeaderMap::new();
             headers.insert(AUTHORIZATION, value);
-            assert!(auth.authenticate(&headers).is_err(), "accepted {headers:?}");
+            assert!(
+                block_on(auth.authenticate(&headers)).is_err(),
+                "accepted {headers:?}"
+            );
         }
     }
 }
@@ -445,7 +454,7 @@ fn accept_only_the_original(input: &[u8]) {
     .concat();
 
     let token = String::from_utf8_lossy(&edited);
-    if let Ok(identity) = auth.verify(&token) {
+    if let Ok(identity) = block_on(auth.verify(&token)) {
         assert_eq!(token, *original, "an edited token was accepted");
         assert_eq!(identity.user_id, FUZZ_USER);
         assert!(identity.publisher);
@@ -453,7 +462,7 @@ fn accept_only_the_original(input: &[u8]) {
     if let Ok(value) = HeaderValue::from_bytes(&[b"Bearer ", &edited[..]].concat()) {
         let mut headers = HeaderMap::new();
         headers.insert(AUTHORIZATION, value);
-        if auth.authenticate(&headers).is_ok() {
+        if block_on(auth.authenticate(&headers)).is_ok() {
             assert_eq!(token.trim(), original, "an edited header was accepted");
         }
     }

@@ -32,8 +32,15 @@ FLAGS:
 
 ENVIRONMENT:
     ADDR                       listening address                     [127.0.0.1:8000]
-    JWT_SECRET                 HMAC secret for tokens                [random per run: development mode]
+    METRICS_ADDR               serve /metrics here only, e.g. 127.0.0.1:9100 [none: public listener]
+    JWT_SECRET                 HMAC secret for tokens, >= 32 bytes   [random per run: development mode]
     JWT_ALGORITHM              HS256, HS384 or HS512                 [HS256]
+    JWT_PUBLIC_KEY_FILE        PEM public key of your identity provider (RSA, EC, Ed25519) [none]
+    JWT_JWKS_URL               JWKS URL of your identity provider    [none]
+    JWT_ALGORITHMS             comma list narrowing accepted algorithms [what the keys allow]
+    JWT_AUDIENCE               comma list; a token's aud must name one [none]
+    JWT_ISSUER                 a token's iss must be this            [none]
+    JWT_LEEWAY_SECS            clock skew tolerated on exp and nbf   [30]
     SSE_KEEPALIVE_SECS         seconds between keepalive comments    [30]
     SSE_QUEUE_CAPACITY         frames queued per stream before a slow client is dropped [256]
     SSE_QUEUE_MAX_BYTES        bytes queued per stream before a slow client is dropped [1048576]
@@ -198,11 +205,24 @@ fn serve(args: &[String]) -> Result<(), Failure> {
                 Failure::Runtime(format!("cannot listen on {}: {error}", config.addr))
             })?;
         let addr = listener.local_addr().map_err(runtime_failure)?;
+        let metrics_listener = match config.metrics_addr {
+            Some(metrics_addr) => Some(tokio::net::TcpListener::bind(metrics_addr).await.map_err(
+                |error| {
+                    Failure::Runtime(format!(
+                        "METRICS_ADDR: cannot listen on {metrics_addr}: {error}"
+                    ))
+                },
+            )?),
+            None => None,
+        };
         let state = AppState::open(config, get_event_bus())
             .await
             .map_err(Failure::Runtime)?;
+        if let Some(metrics_listener) = metrics_listener {
+            tokio::spawn(server::serve_metrics(metrics_listener, state.clone()));
+        }
         if state.config.development_secret {
-            print_development_banner(&state.config, addr);
+            print_development_banner(&state.auth, addr);
         }
         server::run(listener, state, server::shutdown_signal()).await;
         Ok(())
@@ -240,17 +260,21 @@ fn print_token(args: &[String]) -> Result<(), String> {
 /// A token for `user_id` signed with `JWT_SECRET`, which must be set.
 fn signed_token(user_id: &str, publisher: bool, ttl: u64) -> Result<String, String> {
     let config = Config::from_env().map_err(|error| error.to_string())?;
-    if config.development_secret {
-        return Err(
-            "JWT_SECRET is not set; a token signed with a random secret would be useless".into(),
-        );
-    }
-    let auth = Authenticator::new(config.jwt_secret.expose().as_bytes(), config.jwt_algorithm);
+    let secret = match &config.jwt_secret {
+        Some(secret) if !config.development_secret => secret,
+        _ => {
+            return Err(
+                "JWT_SECRET is not set; a token signed with a random secret would be \
+                 useless (with an identity provider, get tokens from it)"
+                    .into(),
+            )
+        }
+    };
+    let auth = Authenticator::new(secret.expose().as_bytes(), config.jwt_algorithm);
     Ok(auth.issue(user_id, publisher, Duration::from_secs(ttl)))
 }
 
-fn print_development_banner(config: &Config, addr: std::net::SocketAddr) {
-    let auth = Authenticator::new(config.jwt_secret.expose().as_bytes(), config.jwt_algorithm);
+fn print_development_banner(auth: &Authenticator, addr: std::net::SocketAddr) {
     let ttl = Duration::from_secs(DEFAULT_TOKEN_TTL_SECS);
     let user_token = auth.issue("demo", false, ttl);
     let publisher_token = auth.issue("publisher", true, ttl);

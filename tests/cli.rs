@@ -8,15 +8,15 @@ use std::process::{ChildStdout, Command, Stdio};
 
 use artifact_events::server::Authenticator;
 use common::{
-    binary_token as token, config, publish_http, RunningServer, SseClient, TestServer, BINARY,
-    PATIENCE, SECRET,
+    binary_token as token, config, publish_http, request, send, RunningServer, SseClient,
+    TestServer, BINARY, PATIENCE, SECRET,
 };
 use jsonwebtoken::Algorithm;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-#[test]
-fn token_prints_a_jwt_the_server_accepts() {
+#[tokio::test]
+async fn token_prints_a_jwt_the_server_accepts() {
     let output = Command::new(BINARY)
         .args(["token", "alice", "--publisher", "--ttl", "60"])
         .env("JWT_SECRET", SECRET)
@@ -26,6 +26,7 @@ fn token_prints_a_jwt_the_server_accepts() {
     let token = String::from_utf8(output.stdout).unwrap();
     let identity = Authenticator::new(SECRET.as_bytes(), Algorithm::HS256)
         .verify(token.trim())
+        .await
         .unwrap();
     assert_eq!(identity.user_id, "alice");
     assert!(identity.publisher);
@@ -308,4 +309,37 @@ async fn access_tokens_in_urls_never_reach_the_log() {
         !log.contains(&token) && !log.contains("secret.bad.token"),
         "{log}"
     );
+}
+
+#[tokio::test]
+async fn metrics_addr_serves_the_counters_on_its_own_listener_only() {
+    let server = RunningServer::start(&[("METRICS_ADDR", "127.0.0.1:0")]);
+    let logged_at = std::time::Instant::now();
+    let metrics_addr: std::net::SocketAddr = loop {
+        let lines = server.log_lines();
+        let found = lines
+            .iter()
+            .find_map(|line| line.split("metrics on http://").nth(1))
+            .and_then(|rest| rest.split('/').next());
+        if let Some(addr) = found {
+            break addr.parse().unwrap();
+        }
+        assert!(logged_at.elapsed() < PATIENCE, "the metrics address is logged");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let get = |path: &str| request("GET", path, None, bytes::Bytes::new());
+    let scraped = send(metrics_addr, get("/metrics")).await;
+    assert_eq!(scraped.status, hyper::StatusCode::OK);
+    let text = String::from_utf8(scraped.body.to_vec()).unwrap();
+    assert!(text.contains("artifact_events_open_streams"), "{text}");
+    // The public listener does not show them, and the metrics listener serves nothing else.
+    let public = send(server.addr, get("/metrics")).await;
+    assert_eq!(
+        public.expect_error(hyper::StatusCode::NOT_FOUND),
+        "not found"
+    );
+    let other = send(metrics_addr, get("/ai/artifact/jobs")).await;
+    assert_eq!(other.status, hyper::StatusCode::NOT_FOUND);
+    let post = send(metrics_addr, request("POST", "/metrics", None, "")).await;
+    assert_eq!(post.status, hyper::StatusCode::METHOD_NOT_ALLOWED);
 }

@@ -154,7 +154,7 @@ async fn a_development_session_cookie_authenticates_the_jobs_and_the_stream() {
     let set_cookie = reply.headers["set-cookie"].to_str().unwrap();
     let attributes: Vec<&str> = set_cookie.split(';').map(str::trim).collect();
     let token = attributes[0].strip_prefix("access_token=").unwrap();
-    let identity = server.state.auth.verify(token).unwrap();
+    let identity = server.state.auth.verify(token).await.unwrap();
     assert_eq!(identity.user_id, "ada");
     assert!(!identity.publisher);
     for attribute in ["Path=/", "HttpOnly", "SameSite=Strict"] {

@@ -6,6 +6,7 @@ use hyper::header::{HeaderValue, ALLOW, CONNECTION, RETRY_AFTER, WWW_AUTHENTICAT
 use hyper::{Response, StatusCode};
 
 use super::response::{json_response, ResponseBody};
+use crate::delivery::StreamLimitError;
 
 /// The 401 reason when no token was sent at all: its challenge carries no error code
 /// (RFC 6750 §3.1), since nothing was wrong with a token.
@@ -46,6 +47,15 @@ pub enum ApiError {
     NotReady(String),
     /// 500: a bug; details are in the server log, not the response.
     Internal,
+}
+
+impl From<StreamLimitError> for ApiError {
+    fn from(error: StreamLimitError) -> Self {
+        match error {
+            StreamLimitError::TooManyForUser(max) => ApiError::TooManyStreams(max),
+            StreamLimitError::ShuttingDown => ApiError::Unavailable("server is shutting down"),
+        }
+    }
 }
 
 impl ApiError {

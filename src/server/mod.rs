@@ -5,15 +5,20 @@ mod auth;
 mod cors;
 mod error;
 mod listener;
+mod metrics_listener;
 mod request;
 mod response;
 mod router;
 pub(crate) mod routes;
 mod state;
 
-pub use auth::{Authenticator, Claims, Identity, PUBLISHER_ROLE};
+pub use auth::{
+    from_jwks, from_pem, Authenticator, ClaimRules, Claims, Identity, Jwks, VerifyingKey,
+    MIN_REFETCH_INTERVAL, PUBLISHER_ROLE,
+};
 pub use error::ApiError;
 pub use listener::{run, shutdown_signal};
+pub use metrics_listener::serve_metrics;
 pub use request::{ConnectionInfo, RequestBody};
 pub use response::{json_response, ResponseBody};
 pub use router::handle;

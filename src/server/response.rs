@@ -1,14 +1,80 @@
-//! What every route answers with: a whole JSON document, or an open event stream.
+//! What every route answers with: a whole JSON document, or an open event stream that ends
+//! when the token that opened it expires.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
+use hyper::body::{Body, Frame};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
+use tokio::time::{Instant, Sleep};
 
 use crate::delivery::EventStream;
 
 /// A response body: a whole document, or an open event stream.
-pub type ResponseBody = Either<Full<Bytes>, EventStream>;
+pub type ResponseBody = Either<Full<Bytes>, ExpiringStream>;
+
+/// The last frame of a stream whose token expired: the client gets a fresh token and
+/// reconnects with its `Last-Event-ID`, and the replay fills the gap.
+pub const TOKEN_EXPIRED_FRAME: &[u8] = b"data: {\"type\":\"token_expired\"}\n\n";
+
+/// The longest wait for a token's expiry (a year): longer sleeps exceed the timer's range, and
+/// the stream of a token valid for longer just ends once a year and is reopened.
+const MAX_WAIT: Duration = Duration::from_secs(365 * 86_400);
+
+pin_project_lite::pin_project! {
+    /// An event stream that ends at its token's expiry (plus the leeway), after one last
+    /// [`TOKEN_EXPIRED_FRAME`]: a revoked user's stream does not outlive their token.
+    ///
+    /// The timer is held inline, not boxed: hyper pins the body inside the connection's own
+    /// allocation, so a stream's timer costs its 96 bytes and no allocation of its own.
+    pub struct ExpiringStream {
+        stream: EventStream,
+        #[pin]
+        expiry: Sleep,
+        expired: bool,
+    }
+}
+
+impl ExpiringStream {
+    /// `stream`, ended at `valid_until` (seconds since the Unix epoch).
+    pub fn new(stream: EventStream, valid_until: u64) -> Self {
+        let remaining = valid_until.saturating_sub(crate::time::unix_seconds());
+        let wait = Duration::from_secs(remaining).min(MAX_WAIT);
+        ExpiringStream {
+            stream,
+            expiry: tokio::time::sleep_until(Instant::now() + wait),
+            expired: false,
+        }
+    }
+}
+
+impl Body for ExpiringStream {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.project();
+        if *this.expired {
+            return Poll::Ready(None);
+        }
+        if this.expiry.poll(cx).is_ready() {
+            *this.expired = true;
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+                TOKEN_EXPIRED_FRAME,
+            )))));
+        }
+        Pin::new(this.stream).poll_frame(cx)
+    }
+}
 
 /// A JSON response with `status` and `body`.
 pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ResponseBody> {

@@ -130,7 +130,7 @@ async fn route(
     let method = request.method();
     match segments.as_slice() {
         // `/` trims to one empty segment.
-        [""] if method == Method::GET => Ok(page::page(&state, &request)),
+        [""] if method == Method::GET => Ok(page::page(&state, &request).await),
         [""] => Err(PAGE.not_allowed()),
         ["healthz"] if method == Method::GET => {
             Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
@@ -138,12 +138,14 @@ async fn route(
         ["healthz"] => Err(HEALTHZ.not_allowed()),
         ["readyz"] if method == Method::GET => ready(&state),
         ["readyz"] => Err(READYZ.not_allowed()),
+        // With METRICS_ADDR, the counters are served there only.
+        ["metrics"] if state.config.metrics_addr.is_some() => Err(ApiError::NotFound),
         ["metrics"] if method == Method::GET => metrics(&state),
         ["metrics"] => Err(METRICS.not_allowed()),
         ["openapi.json"] if method == Method::GET => Ok(openapi::document()),
         ["openapi.json"] => Err(OPENAPI.not_allowed()),
         ["ai", "artifact", "events", "stream"] if method == Method::GET => {
-            stream::open(&state, &request)
+            stream::open(&state, &request).await
         }
         ["ai", "artifact", "events", "stream"] => Err(STREAM.not_allowed()),
         ["ai", "events", "publish"] if method == Method::POST => {
@@ -155,11 +157,11 @@ async fn route(
         }
         ["ai", "artifact", "generate"] => Err(GENERATE.not_allowed()),
         ["ai", "artifact", "jobs"] if method == Method::GET => {
-            artifact::list_jobs(&state, &request)
+            artifact::list_jobs(&state, &request).await
         }
         ["ai", "artifact", "jobs"] => Err(JOBS.not_allowed()),
         ["ai", "artifact", "jobs", job_id] if method == Method::GET => {
-            artifact::get_job(&state, &request, job_id)
+            artifact::get_job(&state, &request, job_id).await
         }
         ["ai", "artifact", "jobs", _] => Err(JOB.not_allowed()),
         ["ai", "artifact", "jobs", job_id, "cancel"] if method == Method::POST => {
@@ -183,6 +185,19 @@ fn ready(state: &AppState) -> Result<Response<ResponseBody>, ApiError> {
         None => Ok(json_response(StatusCode::OK, &json!({"status": "ready"}))),
         Some(reason) => Err(ApiError::NotReady(reason)),
     }
+}
+
+/// Answers a request on the `METRICS_ADDR` listener, where `/metrics` is the only route.
+pub(super) fn answer_metrics_request<B>(
+    state: &AppState,
+    request: &Request<B>,
+) -> Response<ResponseBody> {
+    let answer = match (request.uri().path(), request.method()) {
+        ("/metrics", &Method::GET) => metrics(state),
+        ("/metrics", _) => Err(METRICS.not_allowed()),
+        _ => Err(ApiError::NotFound),
+    };
+    answer.unwrap_or_else(ApiError::into_response)
 }
 
 /// `GET /metrics`: counters and gauges in the Prometheus text format.

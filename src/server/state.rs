@@ -46,13 +46,15 @@ impl AppState {
         if config.development_secret {
             log::warning!("JWT_SECRET is not set: development mode, tokens are signed with a random secret for this run only");
         }
+        let auth = Authenticator::from_config(&config, backends::tls_connector()).await?;
         let metrics = Arc::new(Metrics::default());
         let backends = backends::open(&config, &bus, &metrics).await?;
-        Ok(Self::assemble(config, bus, metrics, backends))
+        Ok(Self::assemble(config, bus, metrics, backends, auth))
     }
 
     /// Builds the state around the given job store and generator, in memory otherwise. Job
-    /// workers start with [`crate::server::run`].
+    /// workers start with [`crate::server::run`]. Tokens are checked against the HMAC secret
+    /// and the claim rules only: key files and JWKS URLs are read by [`AppState::open`].
     pub fn with_jobs(
         config: Config,
         bus: Arc<EventBus>,
@@ -68,7 +70,17 @@ impl AppState {
             streams,
             database_claim: None,
         };
-        Self::assemble(config, bus, metrics, backends)
+        let auth = Authenticator::with_keys(
+            config
+                .jwt_secret
+                .as_ref()
+                .map(|secret| secret.expose().as_bytes()),
+            config.jwt_algorithm,
+            None,
+            None,
+            config.jwt_rules.clone(),
+        );
+        Self::assemble(config, bus, metrics, backends, auth)
     }
 
     fn assemble(
@@ -76,6 +88,7 @@ impl AppState {
         bus: Arc<EventBus>,
         metrics: Arc<Metrics>,
         backends: Backends,
+        auth: Authenticator,
     ) -> Arc<Self> {
         let jobs = ArtifactWorker::new(
             backends.store,
@@ -83,7 +96,6 @@ impl AppState {
             bus.clone(),
             config.worker_config(),
         );
-        let auth = Authenticator::new(config.jwt_secret.expose().as_bytes(), config.jwt_algorithm);
         Arc::new(AppState {
             config,
             bus,

@@ -202,7 +202,7 @@ test("development mode: sign in, a quiz, a failure, flashcards, a summary and a 
 });
 
 test("production mode on SQLite: the server killed mid-job and restarted, the page shows the result after reconnecting", async () => {
-  const secret = "browser-test-secret";
+  const secret = "browser-test-secret-0123456789abcdef0123";
   const dir = mkdtempSync(join(tmpdir(), "artifact-events-browser-db-"));
   const port = await freePort();
   const settings = {

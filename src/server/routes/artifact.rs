@@ -36,7 +36,7 @@ pub(in crate::server) async fn generate(
     state: &AppState,
     request: Request<impl RequestBody>,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    let identity = user_identity(&state.auth, &request)?;
+    let identity = user_identity(&state.auth, &request).await?;
     let timeout = state.config.body_read_timeout;
     let body = read_json(request, MAX_GENERATE_BODY_BYTES, timeout).await?;
     let job = parse_generate_request(&identity.user_id, body)?;
@@ -61,12 +61,12 @@ pub(in crate::server) async fn generate(
 }
 
 /// One of the caller's jobs; another user's job is 404, as if it did not exist.
-pub(in crate::server) fn get_job(
+pub(in crate::server) async fn get_job(
     state: &AppState,
     request: &Request<impl RequestBody>,
     job_id: &str,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    let identity = user_identity(&state.auth, request)?;
+    let identity = user_identity(&state.auth, request).await?;
     match state.jobs.store().get(job_id).map_err(store_failure)? {
         Some(job) if job.user_id == identity.user_id => {
             Ok(json_response(StatusCode::OK, &job.to_json()))
@@ -76,11 +76,11 @@ pub(in crate::server) fn get_job(
 }
 
 /// The caller's jobs, newest first, filtered by `notebook_id` and `status`, at most `limit`.
-pub(in crate::server) fn list_jobs(
+pub(in crate::server) async fn list_jobs(
     state: &AppState,
     request: &Request<impl RequestBody>,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    let identity = user_identity(&state.auth, request)?;
+    let identity = user_identity(&state.auth, request).await?;
     let filter = parse_job_filter(request.uri().query().unwrap_or(""))?;
     let jobs = state
         .jobs
@@ -97,7 +97,7 @@ pub(in crate::server) async fn cancel_job(
     request: &Request<impl RequestBody>,
     job_id: &str,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    let identity = user_identity(&state.auth, request)?;
+    let identity = user_identity(&state.auth, request).await?;
     match state
         .jobs
         .cancel(&identity.user_id, job_id)

@@ -29,12 +29,12 @@ const DEVELOPMENT_MODE_PLACEHOLDER: &str = "__DEVELOPMENT_MODE__";
 const SESSION_PLACEHOLDER: &str = "__SESSION__";
 
 /// Serves the demo page with this response's nonce and its security headers.
-pub(in crate::server) fn page(
+pub(in crate::server) async fn page(
     state: &AppState,
     request: &Request<impl RequestBody>,
 ) -> Response<ResponseBody> {
     let nonce = crate::random::hex_token(16);
-    let session = user_identity(&state.auth, request).is_ok();
+    let session = user_identity(&state.auth, request).await.is_ok();
     let html = PAGE
         .replace(NONCE_PLACEHOLDER, &nonce)
         .replace(
@@ -102,8 +102,8 @@ mod tests {
         assert!(!lower.contains(" src="));
     }
 
-    #[test]
-    fn each_response_has_its_own_nonce() {
+    #[tokio::test]
+    async fn each_response_has_its_own_nonce() {
         let nonce_of = |response: Response<ResponseBody>| {
             let policy = response.headers()[CONTENT_SECURITY_POLICY]
                 .to_str()
@@ -117,8 +117,8 @@ mod tests {
         );
         let request = || Request::new(http_body_util::Empty::<Bytes>::new());
         assert_ne!(
-            nonce_of(page(&state, &request())),
-            nonce_of(page(&state, &request()))
+            nonce_of(page(&state, &request()).await),
+            nonce_of(page(&state, &request()).await)
         );
     }
 }

@@ -18,7 +18,7 @@ pub(in crate::server) async fn publish(
     state: &AppState,
     request: Request<impl RequestBody>,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    let identity = state.auth.authenticate(request.headers())?;
+    let identity = state.auth.authenticate(request.headers()).await?;
     if !identity.publisher {
         return Err(ApiError::Forbidden("token lacks the publisher role"));
     }

@@ -7,11 +7,10 @@ use hyper::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{HeaderMap, Request, Response};
 use tokio::sync::Notify;
 
-use crate::delivery::StreamLimitError;
 use crate::server::auth::stream_token;
 use crate::server::error::ApiError;
 use crate::server::request::{query_param, ConnectionInfo, RequestBody};
-use crate::server::response::ResponseBody;
+use crate::server::response::{ExpiringStream, ResponseBody};
 use crate::server::state::AppState;
 
 /// The header an `EventSource` sends when it reconnects.
@@ -19,11 +18,11 @@ const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 
 /// Opens the caller's event stream: the connected frame, any events missed since
 /// `Last-Event-ID`, then every new event of its user.
-pub(in crate::server) fn open(
+pub(in crate::server) async fn open(
     state: &AppState,
     request: &Request<impl RequestBody>,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    let identity = state.auth.verify(&stream_token(request)?)?;
+    let identity = state.auth.verify(&stream_token(request)?).await?;
     let last_event_id = match request.headers().get(LAST_EVENT_ID) {
         Some(value) => Some(
             value
@@ -43,10 +42,8 @@ pub(in crate::server) fn open(
     let body = state
         .streams
         .open(&identity.user_id, last_event_id.as_deref(), disconnect)
-        .map_err(|error| match error {
-            StreamLimitError::TooManyForUser(max) => ApiError::TooManyStreams(max),
-            StreamLimitError::ShuttingDown => ApiError::Unavailable("server is shutting down"),
-        })?;
+        .map_err(ApiError::from)?;
+    let body = ExpiringStream::new(body, identity.valid_until);
     let mut response = Response::new(Either::Right(body));
     // hyper keeps a connection's last response header map for reuse, for as long as the
     // stream is open: sized for these three headers, it holds no more than they need.
