@@ -2,7 +2,8 @@
 # Client examples: installs the Node client's locked packages (npm ci) and the Python client's
 # pinned requirements (in a venv under target/), builds the server with SQLite, and runs
 # tests/clients/check.py, which follows real jobs with both clients through a SIGKILL and
-# restart of the server on the same database, then through a restart on an empty one.
+# restart of the server on the same database, then through a restart on an empty one, then
+# through a token that expires mid-job (renewed with TOKEN_COMMAND).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never

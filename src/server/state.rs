@@ -70,16 +70,7 @@ impl AppState {
             streams,
             database_claim: None,
         };
-        let auth = Authenticator::with_keys(
-            config
-                .jwt_secret
-                .as_ref()
-                .map(|secret| secret.expose().as_bytes()),
-            config.jwt_algorithm,
-            None,
-            None,
-            config.jwt_rules.clone(),
-        );
+        let auth = Authenticator::for_config(&config, None, None);
         Self::assemble(config, bus, metrics, backends, auth)
     }
 

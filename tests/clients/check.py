@@ -14,6 +14,9 @@ following one job:
 2. A lost history: the server is killed and started on a new, empty database, so the clients'
    last ids mean nothing to it. Each client must get replay_incomplete, refetch the job, learn
    that the server no longer knows it (404), and exit 3.
+3. A token that expires: the clients' token lives 5 s and the job runs longer; the server ends
+   each stream with token_expired, and each client must renew its token with TOKEN_COMMAND,
+   resume after its last id, and report the completed event exactly once, then exit 0.
 
 Prints each client's output and one line per check; exits 1 if any check failed.
 """
@@ -77,7 +80,7 @@ class Server:
         self.log_path = log_path
         self.process = None
 
-    def start(self, database):
+    def start(self, database, **settings):
         env = {key: value for key, value in os.environ.items() if key not in ("REDIS_URL",)}
         env.update(
             JWT_SECRET=SECRET,
@@ -87,6 +90,7 @@ class Server:
             SSE_RETRY_MS=str(RETRY_MS),
             LOG_LEVEL="info",
         )
+        env.update(settings)
         with open(self.log_path, "a") as log:
             log.write(f"--- start on {database}\n")
         self.process = subprocess.Popen(
@@ -170,9 +174,9 @@ class Client:
             print(f"  {self.name}| {line}")
 
 
-def start_clients(args, server, token, job_id):
+def start_clients(args, server, token, job_id, **settings):
     env = dict(os.environ, SERVER_URL=f"http://127.0.0.1:{server.port}", TOKEN=token, JOB_ID=job_id,
-               TIMEOUT_SECS=str(PATIENCE_SECS))
+               TIMEOUT_SECS=str(PATIENCE_SECS), **settings)
     node = Client("node", ["node", "client.js"], os.path.join(ROOT, "examples/clients/node"), env)
     try:
         python = Client("python", [args.python, "client.py"], os.path.join(ROOT, "examples/clients/python"), env)
@@ -180,6 +184,40 @@ def start_clients(args, server, token, job_id):
         node.stop()
         raise
     return [node, python]
+
+
+def wait_for(clients):
+    """Each client's exit status (None if it did not exit in time), its output shown, none left running."""
+    statuses = []
+    try:
+        for client in clients:
+            try:
+                statuses.append(client.wait())
+            except CheckFailed:
+                statuses.append(None)
+    finally:
+        stop(clients)
+    return statuses
+
+
+def stop(clients):
+    """Ends every client still running, and shows what each printed."""
+    for client in clients:
+        client.stop()
+        client.show()
+
+
+def resumed_and_completed_once(client, status, job_id):
+    """The failures of a client that should resume after its last id and exit 0 on completion."""
+    failures = []
+    if status != 0:
+        failures.append(f"{client.name} exited {status}, not 0")
+    completed = client.count(f"job {job_id}: completed [id ")
+    if completed != 1:
+        failures.append(f"{client.name} reported the completed event from the stream {completed} times, not once")
+    if not client.saw("connected, resuming after "):
+        failures.append(f"{client.name} did not reconnect with its last event id")
+    return failures
 
 
 def generate(server, token):
@@ -213,20 +251,13 @@ def crash_and_recovery(args, server, token, database):
         for client in clients:
             if client.saw("connected, resuming"):
                 raise CheckFailed(f"{client.name} reconnected before the job completed: the replay went untested")
-        statuses = [client.wait() for client in clients]
-    finally:
-        for client in clients:
-            client.stop()
+    except BaseException:
+        stop(clients)
+        raise
+    statuses = wait_for(clients)
     failures = []
     for client, status in zip(clients, statuses):
-        client.show()
-        completed = client.count(f"job {job_id}: completed [id ")
-        if status != 0:
-            failures.append(f"{client.name} exited {status}, not 0")
-        if completed != 1:
-            failures.append(f"{client.name} reported the completed event from the stream {completed} times, not once")
-        if not client.saw("connected, resuming after "):
-            failures.append(f"{client.name} did not reconnect with its last event id")
+        failures += resumed_and_completed_once(client, status, job_id)
     status, job = server.request("GET", f"/ai/artifact/jobs/{job_id}", token)
     if job.get("status") != "completed" or job.get("retry_count") != 1:
         failures.append(f"the job is {job.get('status')} with retry_count {job.get('retry_count')}, "
@@ -240,19 +271,37 @@ def lost_history(args, server, token, new_database):
     try:
         kill_while_running(server, token, job_id, clients)
         server.start(new_database)
-        statuses = [client.wait() for client in clients]
-    finally:
-        for client in clients:
-            client.stop()
+    except BaseException:
+        stop(clients)
+        raise
+    statuses = wait_for(clients)
     failures = []
     for client, status in zip(clients, statuses):
-        client.show()
         if status != 3:
             failures.append(f"{client.name} exited {status}, not 3 (job unknown)")
         if not client.saw("replay_incomplete after "):
             failures.append(f"{client.name} did not report replay_incomplete")
         if not client.saw(f"job {job_id}: the server answered 404"):
             failures.append(f"{client.name} did not refetch the job after replay_incomplete")
+    return failures
+
+
+def expiring_token(args, server, token, new_database):
+    server.kill()
+    # No leeway, and a job whose plan (an event with an id) comes at 3 s, before the clients'
+    # 5-second token expires, and whose result comes at 6 s, after it.
+    server.start(new_database, JWT_LEEWAY_SECS="0", GENERATOR_DELAY_MS="3000")
+    job_id = generate(server, token)
+    short = subprocess.run([args.binary, "token", USER, "--ttl", "5"], env=dict(os.environ, JWT_SECRET=SECRET),
+                           check=True, capture_output=True, text=True).stdout.strip()
+    renew = f"'{os.path.abspath(args.binary)}' token {USER}"
+    clients = start_clients(args, server, short, job_id, JWT_SECRET=SECRET, TOKEN_COMMAND=renew)
+    statuses = wait_for(clients)
+    failures = []
+    for client, status in zip(clients, statuses):
+        failures += resumed_and_completed_once(client, status, job_id)
+        if not client.saw("the token expired; renewed it with TOKEN_COMMAND"):
+            failures.append(f"{client.name} did not renew its token")
     return failures
 
 
@@ -272,6 +321,7 @@ def main():
         for name, scenario in [
             ("a job interrupted by SIGKILL completes, reported once", lambda: crash_and_recovery(args, server, token, database)),
             ("a lost history gives replay_incomplete and a refetch", lambda: lost_history(args, server, token, os.path.join(args.work, "new.db"))),
+            ("an expired token is renewed, and the stream resumes without a loss", lambda: expiring_token(args, server, token, os.path.join(args.work, "renew.db"))),
         ]:
             print(f"== clients: {name}")
             try:

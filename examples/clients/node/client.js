@@ -2,15 +2,18 @@
 // recipe ("Recovery, for client authors"), on the `eventsource` package (the WHATWG
 // EventSource for Node.js):
 //
-//   TOKEN=<JWT> JOB_ID=<job id> [SERVER_URL=http://127.0.0.1:8000] [TIMEOUT_SECS=120] node client.js
+//   TOKEN=<JWT> JOB_ID=<job id> [SERVER_URL=http://127.0.0.1:8000] [TIMEOUT_SECS=120]
+//   [TOKEN_COMMAND='a shell command that prints a fresh token'] node client.js
 //
 // Prints one line per job event it handles. Exit status: 0 once the job completed, failed or
 // was cancelled; 1 when TIMEOUT_SECS pass first; 2 for bad arguments; 3 when the server
-// refuses the token or does not know the job.
+// refuses the token or does not know the job, or the token expired without TOKEN_COMMAND.
+import { execSync } from "node:child_process";
 import { EventSource } from "eventsource";
 
 const serverUrl = (process.env.SERVER_URL ?? "http://127.0.0.1:8000").replace(/\/+$/, "");
-const token = process.env.TOKEN;
+let token = process.env.TOKEN;
+const tokenCommand = process.env.TOKEN_COMMAND;
 const jobId = process.env.JOB_ID;
 const timeoutSecs = Number(process.env.TIMEOUT_SECS ?? "120");
 if (!token || !jobId || !(timeoutSecs > 0)) {
@@ -105,6 +108,10 @@ async function handle(message) {
     else if (mustRefetch) await refetch("an earlier fetch failed");
     return;
   }
+  if (event.type === "token_expired") {
+    renewToken();
+    return;
+  }
   if (event.type === "replay_incomplete") {
     await refetch(`replay_incomplete after ${event.last_event_id}`);
     return;
@@ -113,6 +120,25 @@ async function handle(message) {
   if (event.job_id !== jobId) return;
   const kind = kindOf(event);
   if (kind) report(kind, `[id ${message.lastEventId}]`);
+}
+
+// Step 5 of the recipe: the stream ends with its token. The library would reconnect with the
+// old one and be refused, so this client closes it, gets a fresh token and opens a new
+// EventSource, which asks for everything after the last id.
+function renewToken() {
+  source.close();
+  if (!tokenCommand) {
+    console.log("the token expired; set TOKEN_COMMAND to renew it");
+    finish(3);
+  }
+  try {
+    token = execSync(tokenCommand, { encoding: "utf8", stdio: ["ignore", "pipe", "inherit"] }).trim();
+  } catch (error) {
+    console.log(`the token expired, and TOKEN_COMMAND failed (${error.message})`);
+    finish(3);
+  }
+  console.log("the token expired; renewed it with TOKEN_COMMAND, resuming");
+  open();
 }
 
 // The library sends Last-Event-ID itself when it reconnects; a new EventSource, opened after

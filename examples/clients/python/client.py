@@ -1,16 +1,18 @@
 """Follows one artifact job over the event stream until it ends, with the README's recovery
 recipe ("Recovery, for client authors"), on httpx and httpx-sse:
 
-    TOKEN=<JWT> JOB_ID=<job id> [SERVER_URL=http://127.0.0.1:8000] [TIMEOUT_SECS=120] python client.py
+    TOKEN=<JWT> JOB_ID=<job id> [SERVER_URL=http://127.0.0.1:8000] [TIMEOUT_SECS=120] \
+        [TOKEN_COMMAND='a shell command that prints a fresh token'] python client.py
 
 Prints one line per job event it handles. Exit status: 0 once the job completed, failed or was
 cancelled; 1 when TIMEOUT_SECS pass first; 2 for bad arguments; 3 when the server refuses the
-token or does not know the job.
+token or does not know the job, or the token expired without TOKEN_COMMAND.
 """
 
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import urllib.parse
@@ -35,6 +37,10 @@ class Done(Exception):
     def __init__(self, status):
         super().__init__(status)
         self.status = status
+
+
+class TokenExpired(Exception):
+    """The server ended the stream because its token expired (step 5 of the recipe)."""
 
 
 def kind_of(event):
@@ -107,6 +113,8 @@ class JobFollower:
             elif self.must_refetch:
                 self.refetch("an earlier fetch failed")
             return
+        if event.get("type") == "token_expired":
+            raise TokenExpired()
         if event.get("type") == "replay_incomplete":
             self.refetch(f"replay_incomplete after {event['last_event_id']}")
             return
@@ -142,7 +150,23 @@ class JobFollower:
                         say(f"the server ended the stream; reconnecting in {retry_ms} ms")
             except httpx.TransportError as error:
                 say(f"connection lost ({type(error).__name__}); reconnecting in {retry_ms} ms")
+            except TokenExpired:
+                self.renew_token()
+                continue
             time.sleep(retry_ms / 1000)
+
+    def renew_token(self):
+        """Gets a fresh token from TOKEN_COMMAND; the next connect asks for what came since."""
+        command = os.environ.get("TOKEN_COMMAND")
+        if not command:
+            say("the token expired; set TOKEN_COMMAND to renew it")
+            raise Done(3)
+        renewed = subprocess.run(command, shell=True, capture_output=True, text=True)
+        if renewed.returncode != 0 or not renewed.stdout.strip():
+            say(f"the token expired, and TOKEN_COMMAND failed (exit {renewed.returncode})")
+            raise Done(3)
+        self.client.headers["Authorization"] = f"Bearer {renewed.stdout.strip()}"
+        say("the token expired; renewed it with TOKEN_COMMAND, resuming")
 
 
 def main():

@@ -151,16 +151,24 @@ impl Authenticator {
             }
             None => None,
         };
-        Ok(Self::with_keys(
-            config
-                .jwt_secret
-                .as_ref()
-                .map(|secret| secret.expose().as_bytes()),
+        Ok(Self::for_config(config, public_key, jwks))
+    }
+
+    /// The configuration's HMAC secret and claim rules, with these key sources.
+    pub fn for_config(
+        config: &crate::config::Config,
+        public_key: Option<VerifyingKey>,
+        jwks: Option<Jwks>,
+    ) -> Self {
+        let secret = config.jwt_secret.as_ref().map(|secret| secret.expose());
+        let rules = config.jwt_rules.clone();
+        Self::with_keys(
+            secret.map(str::as_bytes),
             config.jwt_algorithm,
             public_key,
             jwks,
-            config.jwt_rules.clone(),
-        ))
+            rules,
+        )
     }
 
     /// A token for `user_id`, valid for `ttl`, with the publisher role if asked.
