@@ -298,8 +298,9 @@ async fn a_sigkilled_processs_job_is_taken_over_and_completed_once() {
     let Some(url) = redis_url() else { return };
     let cluster = Cluster::new(&url);
     let claim_timeout = Duration::from_secs(2);
+    // Two generator calls of 3 s: the job still runs on A when A is killed.
     let settings = [
-        ("GENERATOR_DELAY_MS", "1500"),
+        ("GENERATOR_DELAY_MS", "3000"),
         ("JOB_CLAIM_TIMEOUT_SECS", "2"),
     ];
     let mut a = cluster.start(&settings);
@@ -335,10 +336,11 @@ async fn a_sigkilled_processs_job_is_taken_over_and_completed_once() {
 async fn a_worker_slower_than_the_claim_timeout_keeps_its_job() {
     let Some(url) = redis_url() else { return };
     let cluster = Cluster::new(&url);
-    // Two generator calls of 1.5 s each: the job runs three claim timeouts.
+    // Two generator calls of 2.5 s: the job runs two and a half claim timeouts, and B may take
+    // claims over (it has had Redis for a timeout) during the second half of it.
     let settings = [
-        ("GENERATOR_DELAY_MS", "1500"),
-        ("JOB_CLAIM_TIMEOUT_SECS", "1"),
+        ("GENERATOR_DELAY_MS", "2500"),
+        ("JOB_CLAIM_TIMEOUT_SECS", "2"),
     ];
     let mut a = cluster.start(&settings);
     let token = binary_token("alice");
