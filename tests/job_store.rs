@@ -637,6 +637,7 @@ mod redis {
             "unfinished jobs stay"
         );
         assert_eq!(ids(&store.list("alice", &all(10)).unwrap()), [&queued.id]);
+        assert!(store.list("nobody", &all(10)).unwrap().is_empty());
         assert_eq!(store.count_by_status().unwrap()[3], (JobStatus::Failed, 0));
     }
 }

@@ -221,6 +221,10 @@ impl JobStore for RedisJobStore {
                     .arg(start)
                     .arg(start + LIST_BATCH - 1)
                     .query(connection)?;
+                if ids.is_empty() {
+                    // Redis refuses an empty pipeline.
+                    return Ok(Vec::new());
+                }
                 let mut pipe = redis::pipe();
                 for id in &ids {
                     pipe.cmd("HGETALL").arg(shared.job_key(id));
