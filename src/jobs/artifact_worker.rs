@@ -128,9 +128,18 @@ impl ArtifactWorker {
         {
             Updated::Applied(job) => {
                 let cancellation = self.lock_running().get(job_id).cloned();
-                if cancellation.is_none() && self.store.forward_cancel(job_id)? {
-                    log::info!("job {job_id} cancelled; its process announces it");
-                    return Ok(CancelOutcome::Cancelled(job));
+                if cancellation.is_none() {
+                    match self.store.forward_cancel(job_id) {
+                        Ok(true) => {
+                            log::info!("job {job_id} cancelled; its process announces it");
+                            return Ok(CancelOutcome::Cancelled(job));
+                        }
+                        Ok(false) => {}
+                        // Cancelled, but its process may not know: announced here, once.
+                        Err(error) => log::warning!(
+                            "job {job_id} cancelled, but its process was not told ({error})"
+                        ),
+                    }
                 }
                 let _turn = match &cancellation {
                     Some(cancellation) => {
