@@ -6,6 +6,7 @@
 //! ```text
 //! cargo build --release --features redis --bin artifact-events --example job_throughput
 //! target/release/examples/job_throughput [--binary target/release/artifact-events] [--jobs 2000]
+//!     [--workers 2]
 //! ```
 //! `benches/redis_jobs.sh` does both.
 
@@ -22,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use jsonwebtoken::Algorithm;
 use serde_json::{json, Value};
 
-const SECRET: &str = "job-throughput-secret";
+const SECRET: &str = "job-throughput-secret-of-at-least-32-bytes";
 /// HTTP connections submitting jobs at once.
 const SUBMITTERS: usize = 16;
 const CONTENT: &str = "Mitochondria are the organelles that produce most of a cell's energy. \
@@ -77,7 +78,8 @@ fn start_server(
         .env("MAX_JOBS_PER_USER", "100000")
         .envs(env.iter().copied())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        // Warnings and errors only (LOG_LEVEL=warn): why a server did not start, say.
+        .stderr(Stdio::inherit())
         .spawn()
         .expect("the server binary runs (build it with --features redis)");
     wait_for_port(port);
@@ -130,10 +132,19 @@ async fn jobs_in(addr: SocketAddr, status: &str) -> usize {
 
 /// Submits `jobs` jobs to the first process and returns jobs/s accepted (until the last
 /// submit) and completed (from the first submit until every one has completed).
-async fn throughput(binary: &str, redis: &str, processes: usize, jobs: usize) -> (f64, f64) {
-    let stream = format!("job-throughput-{processes}-{}", std::process::id());
+async fn throughput(
+    binary: &str,
+    redis: &str,
+    processes: usize,
+    workers: &str,
+    jobs: usize,
+) -> (f64, f64) {
+    let stream = format!(
+        "job-throughput-{processes}-{workers}-{}",
+        std::process::id()
+    );
     let servers: Vec<_> = (0..processes)
-        .map(|_| start_server(binary, redis, &stream, &[]))
+        .map(|_| start_server(binary, redis, &stream, &[("WORKERS", workers)]))
         .collect();
     let addr = servers[0].1;
     let token = Authenticator::new(SECRET.as_bytes(), Algorithm::HS256).issue(
@@ -260,10 +271,11 @@ async fn main() {
     );
     wait_for_port(redis_port);
     let redis = format!("redis://127.0.0.1:{redis_port}");
+    let workers = option("--workers", "2");
     for processes in [1, 2] {
-        let (accepted, completed) = throughput(&binary, &redis, processes, jobs).await;
+        let (accepted, completed) = throughput(&binary, &redis, processes, &workers, jobs).await;
         println!(
-            "throughput: {processes} process(es), WORKERS=2 each, {jobs} jobs submitted to one: {completed:.0} jobs/s completed ({accepted:.0} jobs/s accepted)"
+            "throughput: {processes} process(es), WORKERS={workers} each, {jobs} jobs submitted to one: {completed:.0} jobs/s completed ({accepted:.0} jobs/s accepted)"
         );
     }
     for claim_timeout in [2, 5] {
