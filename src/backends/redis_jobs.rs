@@ -31,9 +31,12 @@
 //!
 //! # Outages
 //!
-//! Commands go over one connection with a timeout. When Redis is unreachable, operations fail
-//! with `StoreError::Unavailable` (503 for requests) and a reconnect is tried at most every
-//! `RECONNECT_EVERY`; the worker keeps a finished job's outcome until it can store it.
+//! Commands go over one connection with a timeout, checked with a `PING` after it has been idle
+//! (a restarted Redis closed it). When Redis is unreachable, operations fail with
+//! `StoreError::Unavailable` (503 for requests) and a reconnect is tried at most every
+//! `RECONNECT_EVERY`; the worker keeps a finished job's outcome until it can store it. A
+//! command whose reply is lost may have run: a `generate` answered 503 may have queued its job,
+//! and an outcome stored that way is not announced (its worker is told the job is finished).
 //!
 //! # Locks
 //!
@@ -65,6 +68,10 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often an operation may try to reconnect while Redis is unreachable; in between,
 /// operations fail at once rather than each wait for a connect timeout.
 const RECONNECT_EVERY: Duration = Duration::from_millis(250);
+/// Idle time after which the command connection is checked (`PING`) before it carries a
+/// command: a Redis restarted meanwhile closed it, and a command sent on it would fail
+/// without having run, where a failed check costs nothing but a reconnect.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// Jobs read per round trip when listing.
 const LIST_BATCH: isize = 50;
 
@@ -83,6 +90,8 @@ struct CommandConnection {
     last_try: Option<Instant>,
     /// When it was last (re)connected: takeovers wait a claim timeout after it.
     since: Instant,
+    /// When it last answered: after `IDLE_CHECK`, it is checked before a command is sent.
+    used: Instant,
 }
 
 /// What the store and its renewing thread share.
@@ -131,6 +140,7 @@ impl RedisJobStore {
                 open: Some(connection),
                 last_try: None,
                 since: Instant::now(),
+                used: Instant::now(),
             }),
             script_sha: Mutex::new(String::new()),
             claimed: Mutex::new(HashSet::new()),
@@ -409,12 +419,19 @@ impl Shared {
     ) -> Result<T, StoreError> {
         let mut guard = lock(&self.connection);
         let state = &mut *guard;
+        let stale = state.open.as_mut().is_some_and(|open| {
+            state.used.elapsed() > IDLE_CHECK && redis::cmd("PING").query::<()>(open).is_err()
+        });
+        if stale {
+            state.open = None;
+        }
         let open = match &mut state.open {
             Some(open) => open,
             None => {
-                if state
-                    .last_try
-                    .is_some_and(|at| at.elapsed() < RECONNECT_EVERY)
+                if !stale
+                    && state
+                        .last_try
+                        .is_some_and(|at| at.elapsed() < RECONNECT_EVERY)
                 {
                     return Err(StoreError::Unavailable("Redis is unreachable".to_owned()));
                 }
@@ -425,7 +442,9 @@ impl Shared {
                 state.open.insert(connection)
             }
         };
-        command(open).map_err(|error| {
+        let done = command(open);
+        state.used = Instant::now();
+        done.map_err(|error| {
             let classified = classify(&error);
             if matches!(classified, StoreError::Unavailable(_)) {
                 log::error!("the job store lost Redis: {error}");
