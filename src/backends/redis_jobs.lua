@@ -143,14 +143,22 @@ function ops.claim()
   end
 end
 
+local function applied(key)
+  local reply = {'applied'}
+  for _, value in ipairs(redis.call('HGETALL', key)) do reply[#reply + 1] = value end
+  return reply
+end
+
 -- ARGV: id, claimant ('' = any), now, now_ms, max_bytes, overhead, to, expected (comma
--- separated), has_result, result, result_bytes, has_error, error, retry_count ('' = same).
+-- separated), has_result, result, result_bytes, has_error, error, retry_count ('' = same),
+-- change (a token naming this change: sent again after a lost reply, it finds the change made).
 function ops.update()
   local id = ARGV[3]
   local key = jobkey(id)
-  local f = redis.call('HMGET', key, 'status', 'worker', 'user_id', 'seq')
+  local f = redis.call('HMGET', key, 'status', 'worker', 'user_id', 'seq', 'change')
   local status = f[1]
   if not status then return {'missing'} end
+  if f[5] == ARGV[17] then return applied(key) end
   local expected = false
   for name in string.gmatch(ARGV[10], '[^,]+') do
     if name == status then expected = true end
@@ -160,7 +168,7 @@ function ops.update()
   local to = ARGV[9]
   if to ~= status then set_status(key, status, to) end
   if status == 'queued' and to ~= 'queued' then redis.call('ZREM', P .. ':queued', id) end
-  redis.call('HSET', key, 'updated_at', ARGV[5])
+  redis.call('HSET', key, 'updated_at', ARGV[5], 'change', ARGV[17])
   if ARGV[11] == '1' then redis.call('HSET', key, 'result', ARGV[12], 'result_bytes', ARGV[13]) end
   if ARGV[14] == '1' then redis.call('HSET', key, 'error', ARGV[15]) end
   if ARGV[16] ~= '' then redis.call('HSET', key, 'retry_count', ARGV[16]) end
@@ -171,9 +179,7 @@ function ops.update()
   resize(key, overhead)
   -- A large result may take the store past its budget: other finished jobs make room.
   while tonumber(redis.call('GET', P .. ':bytes')) > tonumber(ARGV[7]) and evict_oldest_finished(id) do end
-  local reply = {'applied'}
-  for _, value in ipairs(redis.call('HGETALL', key)) do reply[#reply + 1] = value end
-  return reply
+  return applied(key)
 end
 
 -- ARGV: consumer, min_idle_ms ('' = sweep only), max_retries, now, now_ms, retention_ms,

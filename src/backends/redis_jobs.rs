@@ -35,8 +35,9 @@
 //! (a restarted Redis closed it). When Redis is unreachable, operations fail with
 //! `StoreError::Unavailable` (503 for requests) and a reconnect is tried at most every
 //! `RECONNECT_EVERY`; the worker keeps a finished job's outcome until it can store it. A
-//! command whose reply is lost may have run: a `generate` answered 503 may have queued its job,
-//! and an outcome stored that way is not announced (its worker is told the job is finished).
+//! command whose reply is lost may have run: an update sent again is then found made (each
+//! change carries a token, kept with the job), but a `generate` answered 503 may have queued
+//! its job.
 //!
 //! # Locks
 //!
@@ -109,6 +110,9 @@ struct Shared {
     script_sha: Mutex<String>,
     /// Jobs this process claimed and has not finished: the claims to renew.
     claimed: Mutex<HashSet<String>>,
+    /// Changes whose reply was lost, by job, with the token they were sent with: the same
+    /// change sent again carries the same token, so it is found made rather than refused.
+    unsure: Mutex<HashMap<String, (JobChange, String)>>,
     /// Set when the store is dropped, to end its thread.
     closed: AtomicBool,
 }
@@ -144,6 +148,7 @@ impl RedisJobStore {
             }),
             script_sha: Mutex::new(String::new()),
             claimed: Mutex::new(HashSet::new()),
+            unsure: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
         });
         let queued = Arc::new(Notify::new());
@@ -288,6 +293,10 @@ impl JobStore for RedisJobStore {
             } else {
                 String::new()
             };
+        let token = match lock(&shared.unsure).get(job_id) {
+            Some((sent, token)) if *sent == change => token.clone(),
+            _ => crate::random::hex_token(8),
+        };
         let expected: Vec<&str> = expected.iter().map(|status| status.as_str()).collect();
         let args = [
             job_id.to_owned(),
@@ -313,8 +322,18 @@ impl JobStore for RedisJobStore {
             change
                 .retry_count
                 .map_or(String::new(), |retries| retries.to_string()),
+            token.clone(),
         ];
-        let reply: Vec<String> = shared.script("update", &args)?;
+        let reply: Vec<String> = match shared.script("update", &args) {
+            Err(error @ StoreError::Unavailable(_)) => {
+                lock(&shared.unsure).insert(job_id.to_owned(), (change, token));
+                return Err(error);
+            }
+            reply => {
+                lock(&shared.unsure).remove(job_id);
+                reply?
+            }
+        };
         let updated = match reply.first().map(String::as_str) {
             Some("applied") => Updated::Applied(Box::new(job_from_fields(&reply[1..])?)),
             Some("refused" | "lost") => Updated::Refused(parse_status(reply.get(1))?),
