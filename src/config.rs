@@ -683,6 +683,24 @@ mod tests {
         assert_eq!(config.workers, 3);
     }
 
+    #[test]
+    fn the_redis_job_settings_are_read_and_a_zero_is_refused_by_name() {
+        let config = from(&[
+            ("JOB_CLAIM_TIMEOUT_SECS", "5"),
+            ("JOB_RETENTION_SECS", "60"),
+        ])
+        .unwrap();
+        assert_eq!(config.job_claim_timeout, Duration::from_secs(5));
+        assert_eq!(config.job_retention, Duration::from_secs(60));
+        let defaults = from(&[]).unwrap();
+        assert_eq!(
+            defaults.job_claim_timeout,
+            Duration::from_secs(DEFAULT_JOB_CLAIM_TIMEOUT_SECS)
+        );
+        let error = from(&[("JOB_CLAIM_TIMEOUT_SECS", "0")]).unwrap_err();
+        assert_eq!(error.variable, "JOB_CLAIM_TIMEOUT_SECS");
+    }
+
     fn from(settings: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let settings: HashMap<String, String> = settings
             .iter()
