@@ -79,6 +79,11 @@ pub const DEFAULT_REDIS_STREAM: &str = "artifact-events";
 pub const DEFAULT_REDIS_STREAM_MAX_LEN: usize = 100_000;
 /// Events kept for the other processes while Redis is unreachable.
 pub const DEFAULT_REDIS_OUTBOX_CAPACITY: usize = 100_000;
+/// Seconds a running job's claim in Redis lasts without renewal before a live process takes
+/// the job over; a live worker renews it every third of that.
+pub const DEFAULT_JOB_CLAIM_TIMEOUT_SECS: u64 = 30;
+/// Seconds a finished job stays in Redis.
+pub const DEFAULT_JOB_RETENTION_SECS: u64 = 86_400;
 /// Largest request head (request line and headers) accepted; larger ones get 431.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Largest `POST /ai/events/publish` body; larger ones get 413.
@@ -157,8 +162,13 @@ pub struct Config {
     /// Latency added to each generator call (`GENERATOR_DELAY_MS`), to demo and test what an
     /// LLM-backed generator's latency does.
     pub generator_delay: Duration,
-    /// Where events cross processes (`REDIS_URL`); `None` keeps them in this process.
+    /// Where events and jobs cross processes (`REDIS_URL`); `None` keeps them in this process.
     pub redis: Option<RedisSettings>,
+    /// How long a job's claim in Redis lasts unrenewed before another process takes the job
+    /// over (`JOB_CLAIM_TIMEOUT_SECS`).
+    pub job_claim_timeout: Duration,
+    /// How long a finished job stays in Redis (`JOB_RETENTION_SECS`).
+    pub job_retention: Duration,
     /// The model server that generates artifacts (`GENERATOR=openai`); `None` uses the
     /// offline generator.
     pub openai: Option<OpenAiSettings>,
@@ -270,6 +280,8 @@ impl Config {
             database_path: None,
             generator_delay: Duration::ZERO,
             redis: None,
+            job_claim_timeout: Duration::from_secs(DEFAULT_JOB_CLAIM_TIMEOUT_SECS),
+            job_retention: Duration::from_secs(DEFAULT_JOB_RETENTION_SECS),
             openai: None,
             webhooks: WebhookSettings::default(),
         }
@@ -420,6 +432,12 @@ impl Config {
                 outbox_capacity: env_positive(lookup, "REDIS_OUTBOX_CAPACITY")?
                     .unwrap_or(DEFAULT_REDIS_OUTBOX_CAPACITY),
             });
+        }
+        if let Some(secs) = env_positive(lookup, "JOB_CLAIM_TIMEOUT_SECS")? {
+            config.job_claim_timeout = Duration::from_secs(secs as u64);
+        }
+        if let Some(secs) = env_positive(lookup, "JOB_RETENTION_SECS")? {
+            config.job_retention = Duration::from_secs(secs as u64);
         }
         config.openai = openai_settings(lookup)?;
         config.webhooks = webhook_settings(lookup)?;
@@ -730,6 +748,24 @@ mod tests {
         let path = config.database_path.unwrap();
         assert_eq!(path, PathBuf::from("/var/lib/artifact-events.db"));
         assert_eq!(config.workers, 3);
+    }
+
+    #[test]
+    fn the_redis_job_settings_are_read_and_a_zero_is_refused_by_name() {
+        let config = from(&[
+            ("JOB_CLAIM_TIMEOUT_SECS", "5"),
+            ("JOB_RETENTION_SECS", "60"),
+        ])
+        .unwrap();
+        assert_eq!(config.job_claim_timeout, Duration::from_secs(5));
+        assert_eq!(config.job_retention, Duration::from_secs(60));
+        let defaults = from(&[]).unwrap();
+        assert_eq!(
+            defaults.job_claim_timeout,
+            Duration::from_secs(DEFAULT_JOB_CLAIM_TIMEOUT_SECS)
+        );
+        let error = from(&[("JOB_CLAIM_TIMEOUT_SECS", "0")]).unwrap_err();
+        assert_eq!(error.variable, "JOB_CLAIM_TIMEOUT_SECS");
     }
 
     fn from(settings: &[(&str, &str)]) -> Result<Config, ConfigError> {

@@ -421,3 +421,223 @@ mod sqlite {
         assert_eq!(distinct, created);
     }
 }
+
+#[cfg(feature = "redis")]
+mod redis {
+    //! The Redis store, on the Redis at `REDIS_URL` (skipped without one), each store under a
+    //! key prefix of its own.
+
+    use std::collections::HashSet;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use artifact_events::backends::RedisJobStore;
+    use artifact_events::config::RedisSettings;
+
+    use super::*;
+
+    fn redis_url() -> Option<String> {
+        let url = std::env::var("REDIS_URL")
+            .ok()
+            .filter(|url| !url.is_empty());
+        if url.is_none() {
+            eprintln!("skipped: REDIS_URL is not set (start a redis-server and export it)");
+        }
+        url
+    }
+
+    fn settings(url: &str) -> RedisSettings {
+        RedisSettings {
+            url: url.to_owned(),
+            stream_key: format!("job-store-test-{}", common::unique_suffix()),
+            max_len: 100,
+            outbox_capacity: 100,
+        }
+    }
+
+    fn open_with(settings: &RedisSettings, limits: JobLimits, claim: Duration) -> RedisJobStore {
+        RedisJobStore::open(settings, limits, claim, Duration::from_secs(3600)).unwrap()
+    }
+
+    #[test]
+    fn the_redis_store_keeps_the_contract() {
+        let Some(url) = redis_url() else { return };
+        behaves_like_a_job_store(&|limits| {
+            Box::new(open_with(&settings(&url), limits, Duration::from_secs(30)))
+        });
+    }
+
+    #[test]
+    fn processes_sharing_a_prefix_share_jobs_and_never_claim_one_twice() {
+        let Some(url) = redis_url() else { return };
+        let settings = settings(&url);
+        let seeding = open_with(&settings, JobLimits::jobs(1000), Duration::from_secs(30));
+        let created: HashSet<String> = (0..300)
+            .map(|_| {
+                let job = job("alice", "nb");
+                seeding.create(job.clone()).unwrap();
+                job.id
+            })
+            .collect();
+        let together = Arc::new(std::sync::Barrier::new(2));
+        let claimers: Vec<_> = (0..2)
+            .map(|_| {
+                let store = open_with(&settings, JobLimits::jobs(1000), Duration::from_secs(30));
+                let together = together.clone();
+                std::thread::spawn(move || {
+                    together.wait();
+                    std::iter::from_fn(|| store.claim_next().unwrap())
+                        .map(|job| job.id)
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let claimed: Vec<String> = claimers
+            .into_iter()
+            .flat_map(|claimer| claimer.join().unwrap())
+            .collect();
+        let distinct: HashSet<String> = claimed.iter().cloned().collect();
+        assert_eq!(claimed.len(), distinct.len(), "a job was claimed twice");
+        assert_eq!(distinct, created);
+        let counts = seeding.count_by_status().unwrap();
+        assert_eq!(
+            counts[1],
+            (JobStatus::Running, 300),
+            "seen from any process"
+        );
+    }
+
+    #[test]
+    fn a_dead_workers_job_is_taken_over_with_a_retry_counted_or_failed_when_retries_are_spent() {
+        let Some(url) = redis_url() else { return };
+        let settings = settings(&url);
+        let claim = Duration::from_millis(300);
+        let dead = open_with(&settings, JobLimits::jobs(100), claim);
+        let (first, second) = (job("alice", "nb"), job("alice", "nb"));
+        dead.create(first.clone()).unwrap();
+        dead.create(second.clone()).unwrap();
+        dead.claim_next().unwrap();
+        dead.claim_next().unwrap();
+        let retrying = JobChange {
+            retry_count: Some(1),
+            ..JobChange::to(JobStatus::Running)
+        };
+        dead.update(&second.id, &[JobStatus::Running], retrying)
+            .unwrap();
+        drop(dead); // its renewals stop
+
+        let live = open_with(&settings, JobLimits::jobs(100), claim);
+        assert!(
+            live.requeue_interrupted(1).unwrap().is_empty(),
+            "claims younger than the timeout are left alone"
+        );
+        std::thread::sleep(claim * 2);
+        let changed = live.requeue_interrupted(1).unwrap();
+        assert_eq!(ids(&changed), [&first.id, &second.id]);
+        assert_eq!(changed[0].status, JobStatus::Queued);
+        assert_eq!(changed[0].retry_count, 1, "the interrupted attempt counts");
+        assert_eq!(changed[1].status, JobStatus::Failed);
+        assert_eq!(
+            changed[1].error.as_deref(),
+            Some("interrupted by a server restart during attempt 2, and no retries were left")
+        );
+        let taken = live.claim_next().unwrap().expect("the requeued job");
+        assert_eq!(
+            (taken.id.as_str(), taken.retry_count),
+            (first.id.as_str(), 1)
+        );
+        assert_eq!(live.claim_next().unwrap(), None);
+    }
+
+    #[test]
+    fn a_live_worker_keeps_its_claim_past_the_timeout_and_a_stale_claim_stores_nothing() {
+        let Some(url) = redis_url() else { return };
+        let settings = settings(&url);
+        let claim = Duration::from_millis(300);
+        let slow = open_with(&settings, JobLimits::jobs(100), claim);
+        let other = open_with(&settings, JobLimits::jobs(100), claim);
+        let kept = job("alice", "nb");
+        slow.create(kept.clone()).unwrap();
+        slow.claim_next().unwrap();
+        // Three timeouts while `slow` lives: its thread renews the claim.
+        for _ in 0..6 {
+            std::thread::sleep(claim / 2);
+            assert!(other.requeue_interrupted(1).unwrap().is_empty());
+        }
+        let Updated::Applied(done) = slow
+            .update(
+                &kept.id,
+                &[JobStatus::Running],
+                JobChange::to(JobStatus::Completed),
+            )
+            .unwrap()
+        else {
+            panic!("the claim is still the slow worker's");
+        };
+        assert_eq!(done.status, JobStatus::Completed);
+
+        // A claim taken over (by a process that waits less than this one renews): the first
+        // worker's outcome is refused, the job is the new claimant's.
+        let patient = open_with(&settings, JobLimits::jobs(100), Duration::from_secs(30));
+        let lost = job("alice", "nb");
+        patient.create(lost.clone()).unwrap();
+        patient.claim_next().unwrap();
+        std::thread::sleep(claim * 2);
+        assert_eq!(ids(&other.requeue_interrupted(1).unwrap()), [&lost.id]);
+        assert_eq!(other.claim_next().unwrap().unwrap().id, lost.id);
+        assert_eq!(
+            patient
+                .update(
+                    &lost.id,
+                    &[JobStatus::Running],
+                    JobChange::to(JobStatus::Completed)
+                )
+                .unwrap(),
+            Updated::Refused(JobStatus::Running)
+        );
+        assert!(matches!(
+            other
+                .update(
+                    &lost.id,
+                    &[JobStatus::Running],
+                    JobChange::to(JobStatus::Completed)
+                )
+                .unwrap(),
+            Updated::Applied(_)
+        ));
+    }
+
+    #[test]
+    fn finished_jobs_are_forgotten_after_the_retention_period() {
+        let Some(url) = redis_url() else { return };
+        let settings = settings(&url);
+        let retention = Duration::from_millis(200);
+        let store = RedisJobStore::open(
+            &settings,
+            JobLimits::jobs(100),
+            Duration::from_secs(30),
+            retention,
+        )
+        .unwrap();
+        let (finished, queued) = (job("alice", "nb"), job("alice", "nb"));
+        store.create(finished.clone()).unwrap();
+        store.create(queued.clone()).unwrap();
+        store
+            .update(
+                &finished.id,
+                &[JobStatus::Queued],
+                JobChange::to(JobStatus::Failed),
+            )
+            .unwrap();
+        std::thread::sleep(retention * 2);
+        store.requeue_interrupted(1).unwrap();
+        assert_eq!(store.get(&finished.id).unwrap(), None);
+        assert!(
+            store.get(&queued.id).unwrap().is_some(),
+            "unfinished jobs stay"
+        );
+        assert_eq!(ids(&store.list("alice", &all(10)).unwrap()), [&queued.id]);
+        assert!(store.list("nobody", &all(10)).unwrap().is_empty());
+        assert_eq!(store.count_by_status().unwrap()[3], (JobStatus::Failed, 0));
+    }
+}

@@ -7,12 +7,16 @@
 //! feature; [`check`] is the one place that refuses a setting the build cannot serve.
 
 #[cfg(feature = "redis")]
+mod redis_jobs;
+#[cfg(feature = "redis")]
 mod redis_relay;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 #[cfg(feature = "tls")]
 pub mod tls;
 
+#[cfg(feature = "redis")]
+pub use redis_jobs::RedisJobStore;
 #[cfg(feature = "redis")]
 pub use redis_relay::RedisRelay;
 
@@ -62,6 +66,15 @@ pub fn check(config: &Config) -> Result<(), String> {
                 .to_owned(),
         );
     }
+    if config.database_path.is_some() && config.redis.is_some() {
+        return Err(
+            "DATABASE_PATH and REDIS_URL are both set: with REDIS_URL, jobs live in Redis, shared \
+             by every process, and the event history is the Redis stream, so the SQLite file \
+             would hold nothing; unset DATABASE_PATH (or REDIS_URL, to keep jobs in this \
+             process's file)"
+                .to_owned(),
+        );
+    }
     let https_model = config.openai.as_ref().is_some_and(|settings| {
         settings
             .base_url
@@ -100,8 +113,8 @@ pub fn tls_connector() -> Option<Arc<dyn TlsConnector>> {
 }
 
 /// Opens the backends that `config` names: jobs and history in the SQLite file at
-/// `DATABASE_PATH` (else in memory), events across processes through `REDIS_URL` (whose
-/// stream is then the history), and the generator `GENERATOR` names (the offline one unless it
+/// `DATABASE_PATH` (else in memory), or, with `REDIS_URL`, jobs in Redis and events across
+/// processes through its stream (which is then the history); and the generator `GENERATOR` names (the offline one unless it
 /// says `openai`), slowed by `GENERATOR_DELAY_MS`.
 pub async fn open(
     config: &Config,
@@ -147,6 +160,16 @@ pub async fn open(
     };
     #[cfg(feature = "redis")]
     if let Some(settings) = &config.redis {
+        let store = RedisJobStore::open(
+            settings,
+            config.job_limits(),
+            config.job_claim_timeout,
+            config.job_retention,
+        )?;
+        crate::log::info!(
+            "jobs are kept in Redis under {:?}, shared by every process on it",
+            format!("{}:jobs", settings.stream_key)
+        );
         let streams = RedisRelay::start(
             settings.clone(),
             bus.clone(),
@@ -155,6 +178,7 @@ pub async fn open(
         )
         .await?;
         return Ok(Backends {
+            store: Arc::new(store),
             streams,
             ..backends
         });
@@ -201,6 +225,26 @@ fn with_sqlite(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jobs_live_in_redis_or_in_sqlite_never_both_at_once() {
+        let mut config = Config::with_secret("s");
+        config.database_path = Some("/var/lib/artifact-events.db".into());
+        config.redis = Some(crate::config::RedisSettings {
+            url: "redis://127.0.0.1:6379".to_owned(),
+            stream_key: "s".to_owned(),
+            max_len: 10,
+            outbox_capacity: 10,
+        });
+        let error = check(&config).unwrap_err();
+        if cfg!(all(feature = "sqlite", feature = "redis")) {
+            assert!(
+                error.contains("DATABASE_PATH and REDIS_URL are both set"),
+                "{error}"
+            );
+            assert!(error.contains("jobs live in Redis"), "{error}");
+        }
+    }
 
     #[test]
     fn a_setting_the_build_lacks_the_feature_for_is_refused_never_ignored() {

@@ -107,8 +107,7 @@ impl RedisRelay {
         metrics: Arc<Metrics>,
         stream_settings: StreamSettings,
     ) -> Result<Arc<StreamIndex>, String> {
-        let client = Client::open(settings.url.as_str())
-            .map_err(|error| format!("REDIS_URL {}: {error}", settings.shown_url()))?;
+        let client = client(&settings)?;
         let unreachable = |error: RedisError| {
             format!("Redis at {} is unreachable: {error}", settings.shown_url())
         };
@@ -474,6 +473,13 @@ fn just_before(id: EventId) -> EventId {
         },
         seq => EventId { seq: seq - 1, ..id },
     }
+}
+
+/// The client for the Redis at `REDIS_URL`, which the relay and the job store each connect
+/// with; an error names the URL without its password.
+pub(super) fn client(settings: &RedisSettings) -> Result<Client, String> {
+    Client::open(settings.url.as_str())
+        .map_err(|error| format!("REDIS_URL {}: {error}", settings.shown_url()))
 }
 
 /// Connects with `response_timeout` for each command (the reader's covers its blocking read).

@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::generator::{ArtifactGenerator, GenerationRequest};
-use super::store::{JobChange, JobStore, StoreError, Updated};
+use super::store::{JobChange, JobStore, SharedSignals, StoreError, Updated};
 use super::{validator, Job, JobStatus};
 use crate::events::{EventBus, EventType};
 use crate::log;
@@ -18,6 +18,11 @@ use crate::panic::catch_unwind;
 
 /// Repairs tried on invalid output before an attempt fails; the seed's error text names it.
 pub const MAX_REPAIR_ATTEMPTS: usize = 2;
+/// First pause before trying again to store a finished job's outcome.
+const FIRST_STORE_RETRY: Duration = Duration::from_millis(50);
+/// Longest pause between attempts to store a finished job's outcome while the store is out of
+/// reach; the outcome is kept until it is stored.
+const STORE_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// How the worker runs jobs.
 #[derive(Clone, Debug)]
@@ -123,6 +128,19 @@ impl ArtifactWorker {
         {
             Updated::Applied(job) => {
                 let cancellation = self.lock_running().get(job_id).cloned();
+                if cancellation.is_none() {
+                    match self.store.forward_cancel(job_id) {
+                        Ok(true) => {
+                            log::info!("job {job_id} cancelled; its process announces it");
+                            return Ok(CancelOutcome::Cancelled(job));
+                        }
+                        Ok(false) => {}
+                        // Cancelled, but its process may not know: announced here, once.
+                        Err(error) => log::warning!(
+                            "job {job_id} cancelled, but its process was not told ({error})"
+                        ),
+                    }
+                }
                 let _turn = match &cancellation {
                     Some(cancellation) => {
                         let turn = cancellation.publishing.lock().await;
@@ -143,39 +161,102 @@ impl ArtifactWorker {
     }
 
     /// Takes over the jobs an earlier process left running, then starts the worker tasks; they
-    /// run until [`ArtifactWorker::stop`].
+    /// run until [`ArtifactWorker::stop`]. With a store that processes share, also follows the
+    /// jobs queued and cancelled elsewhere, and takes over those of dead workers.
     pub fn start(self: &Arc<Self>) -> Vec<JoinHandle<()>> {
         let mut tasks = Vec::new();
+        let failed = self.take_over_interrupted("a restart");
+        if !failed.is_empty() {
+            let worker = self.clone();
+            tasks.push(tokio::spawn(async move {
+                for job in failed {
+                    worker
+                        .publish(EventType::FAILED, failed_event_data(&job))
+                        .await;
+                }
+            }));
+        }
+        if let Some(signals) = self.store.take_shared_signals() {
+            // Not among the tasks a shutdown waits for: it runs no job.
+            tokio::spawn(self.clone().follow_shared(signals));
+        }
+        tasks
+            .extend((0..self.config.workers.max(1)).map(|_| tokio::spawn(self.clone().run_task())));
+        tasks
+    }
+
+    /// Requeues (or fails, when its retries are spent) each job whose worker is gone, and
+    /// returns the failed ones, to be announced.
+    fn take_over_interrupted(&self, cause: &str) -> Vec<Job> {
         match self.store.requeue_interrupted(self.config.max_retries) {
             Ok(interrupted) => {
                 for job in &interrupted {
                     log::warning!(
-                        "job {} was interrupted by a restart: now {} (retry {})",
+                        "job {} was interrupted by {cause}: now {} (retry {})",
                         job.id,
                         job.status.as_str(),
                         job.retry_count
                     );
                 }
-                let failed: Vec<Job> = interrupted
+                interrupted
                     .into_iter()
                     .filter(|job| job.status == JobStatus::Failed)
-                    .collect();
-                if !failed.is_empty() {
-                    let worker = self.clone();
-                    tasks.push(tokio::spawn(async move {
-                        for job in failed {
-                            worker
-                                .publish(EventType::FAILED, failed_event_data(&job))
-                                .await;
-                        }
-                    }));
+                    .collect()
+            }
+            // The outage is logged where it starts; this runs every few seconds meanwhile.
+            Err(error @ StoreError::Unavailable(_)) => {
+                log::debug!("cannot look for interrupted jobs: {error}");
+                Vec::new()
+            }
+            Err(error) => {
+                log::error!("cannot requeue interrupted jobs: {error}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Follows a shared store until the worker stops: wakes idle tasks for jobs queued
+    /// elsewhere, announces cancels made elsewhere, and takes over the jobs of dead workers.
+    async fn follow_shared(self: Arc<Self>, mut signals: SharedSignals) {
+        let mut takeover = tokio::time::interval(signals.takeover_every);
+        takeover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !self.stopping.load(Ordering::SeqCst) {
+            tokio::select! {
+                () = signals.queued.notified() => self.wake.notify_waiters(),
+                Some(job_id) = signals.cancels.recv() => self.announce_cancel(&job_id).await,
+                _ = takeover.tick() => {
+                    for job in self.take_over_interrupted("the death of its worker") {
+                        self.publish(EventType::FAILED, failed_event_data(&job)).await;
+                    }
+                    // Also catches a notification missed while the store was out of reach.
+                    self.wake.notify_waiters();
                 }
             }
-            Err(error) => log::error!("cannot requeue interrupted jobs: {error}"),
         }
-        tasks
-            .extend((0..self.config.workers.max(1)).map(|_| tokio::spawn(self.clone().run_task())));
-        tasks
+    }
+
+    /// Announces the cancel, made by another process, of a job this process claimed: stops it
+    /// as a local cancel does and publishes `artifact.cancelled`, after every event of the job.
+    async fn announce_cancel(&self, job_id: &str) {
+        let cancellation = self.lock_running().get(job_id).cloned();
+        let _turn = match &cancellation {
+            Some(cancellation) => {
+                let turn = cancellation.publishing.lock().await;
+                cancellation.cancel();
+                Some(turn)
+            }
+            None => None,
+        };
+        match self.store.get(job_id) {
+            Ok(Some(job)) if job.status == JobStatus::Cancelled => {
+                log::info!("job {job_id} cancelled by another process");
+                let mut data = job.event_data();
+                data["status"] = json!(JobStatus::Cancelled.as_str());
+                self.publish(EventType::CANCELLED, data).await;
+            }
+            Ok(_) => log::warning!("job {job_id}: a cancel arrived, but it is not cancelled"),
+            Err(error) => log::error!("cannot announce the cancel of job {job_id}: {error}"),
+        }
     }
 
     /// Stops taking new jobs; each task finishes the job it is running, then exits.
@@ -269,7 +350,7 @@ impl ArtifactWorker {
             ),
         };
         // Store first: a client that reads the job on receiving the event sees the final status.
-        let stored = match self.store.update(&job.id, &[JobStatus::Running], change) {
+        let stored = match self.store_outcome(&job.id, change).await {
             Ok(Updated::Applied(stored)) => stored,
             Ok(other) => {
                 log::info!("job {} not finished by the worker: {other:?}", job.id);
@@ -297,6 +378,34 @@ impl ArtifactWorker {
             }
         }
         self.publish(event_type, data).await;
+    }
+
+    /// Stores a finished job's outcome; while the store is out of reach, keeps it and tries
+    /// again, so an outage delays the outcome but does not lose it.
+    async fn store_outcome(&self, job_id: &str, change: JobChange) -> Result<Updated, StoreError> {
+        let mut pause = FIRST_STORE_RETRY;
+        loop {
+            match self
+                .store
+                .update(job_id, &[JobStatus::Running], change.clone())
+            {
+                Err(StoreError::Unavailable(why)) => {
+                    if pause == FIRST_STORE_RETRY {
+                        log::warning!(
+                            "job {job_id}: cannot store its outcome yet ({why}); keeping it until the store is back"
+                        );
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(STORE_RETRY_MAX);
+                }
+                stored => {
+                    if pause > FIRST_STORE_RETRY {
+                        log::info!("job {job_id}: its outcome is stored, the store is back");
+                    }
+                    return stored;
+                }
+            }
+        }
     }
 
     /// Runs attempts until one succeeds or retries run out; returns the outcome and retries made

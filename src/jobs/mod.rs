@@ -11,7 +11,9 @@ pub use generator::{
     ArtifactGenerator, ArtifactType, DelayedGenerator, GenerationRequest, OfflineGenerator,
     OpenAiGenerator,
 };
-pub use store::{JobChange, JobFilter, JobLimits, JobStore, MemoryJobStore, StoreError, Updated};
+pub use store::{
+    JobChange, JobFilter, JobLimits, JobStore, MemoryJobStore, SharedSignals, StoreError, Updated,
+};
 
 use serde_json::{json, Value};
 
@@ -69,10 +71,10 @@ impl JobStatus {
 
 /// Memory a job costs beyond its text: the record, its map entries, timestamps, and a parsed
 /// result's nodes. Counted against the byte budget so that it holds for small jobs too.
-const JOB_OVERHEAD_BYTES: usize = 512;
+pub(crate) const JOB_OVERHEAD_BYTES: usize = 512;
 
 /// About what a JSON value takes in memory: its text, and a node's worth per value.
-fn json_bytes(value: &Value) -> usize {
+pub(crate) fn json_bytes(value: &Value) -> usize {
     const NODE_BYTES: usize = 32;
     NODE_BYTES
         + match value {

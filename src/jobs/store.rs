@@ -1,9 +1,11 @@
 //! Where jobs live: the `JobStore` trait and its in-memory implementation.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use serde_json::Value;
+use tokio::sync::{mpsc, Notify};
 
 use super::{Job, JobStatus};
 
@@ -17,6 +19,8 @@ pub enum StoreError {
     UserAtLimit(usize),
     /// The store could not do it (I/O for a durable store; the memory store never fails).
     Failed(String),
+    /// The store is out of reach for now (a shared store's server is down): try again later.
+    Unavailable(String),
 }
 
 impl std::fmt::Display for StoreError {
@@ -25,6 +29,7 @@ impl std::fmt::Display for StoreError {
             StoreError::Full(why) => write!(f, "job store is full: {why}"),
             StoreError::UserAtLimit(max) => write!(f, "the user has {max} unfinished jobs"),
             StoreError::Failed(why) => write!(f, "job store: {why}"),
+            StoreError::Unavailable(why) => write!(f, "job store unreachable: {why}"),
         }
     }
 }
@@ -103,6 +108,18 @@ pub struct JobFilter {
     pub limit: usize,
 }
 
+/// What a worker listens to when other processes share its store: jobs they queue, cancels of
+/// jobs this process runs, and when to look for jobs whose worker died.
+pub struct SharedSignals {
+    /// Notified when another process queued a job.
+    pub queued: Arc<Notify>,
+    /// Ids of jobs this process runs that another process cancelled: this process announces
+    /// the cancel, so that nothing of the job follows its `artifact.cancelled`.
+    pub cancels: mpsc::UnboundedReceiver<String>,
+    /// How often to take over the jobs of dead workers (`requeue_interrupted`).
+    pub takeover_every: Duration,
+}
+
 /// Persists jobs; the worker and routes use only this trait, so a durable store can replace
 /// the memory one. Methods are synchronous and must be quick (a local lookup or transaction).
 pub trait JobStore: Send + Sync + 'static {
@@ -130,6 +147,17 @@ pub trait JobStore: Send + Sync + 'static {
     /// each is queued again with the interrupted attempt counted as a retry, or `failed` if
     /// that exceeds `max_retries`. Returns the jobs it changed. Called before workers start.
     fn requeue_interrupted(&self, max_retries: u32) -> Result<Vec<Job>, StoreError>;
+    /// Hands the cancel of a job to the process running it, when that is another process
+    /// sharing the store; true when that process took over announcing it.
+    fn forward_cancel(&self, _job_id: &str) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+    /// The signals of a store that processes share, for the worker to take once; `None` for a
+    /// store of one process. Such a store's `requeue_interrupted` may be called at any time:
+    /// it takes over only jobs whose worker stopped renewing its claim.
+    fn take_shared_signals(&self) -> Option<SharedSignals> {
+        None
+    }
 }
 
 /// Keeps jobs in memory; they are gone when the process exits.

@@ -13,6 +13,7 @@ use super::request::RequestBody;
 use super::response::{full_response, json_response, ResponseBody};
 use super::routes::{artifact, dev_session, openapi, page, publish, stream, webhooks};
 use super::state::AppState;
+use crate::jobs::StoreError;
 use crate::log;
 use crate::panic::catch_unwind;
 
@@ -218,10 +219,18 @@ pub(super) fn answer_metrics_request<B>(
 
 /// `GET /metrics`: counters and gauges in the Prometheus text format.
 fn metrics(state: &AppState) -> Result<Response<ResponseBody>, ApiError> {
-    let jobs = state.jobs.store().count_by_status().map_err(|error| {
-        log::error!("{error}");
-        ApiError::Internal
-    })?;
+    let jobs = match state.jobs.store().count_by_status() {
+        Ok(jobs) => jobs,
+        // A shared store out of reach: the other metrics (the outage's among them) still answer.
+        Err(error @ StoreError::Unavailable(_)) => {
+            log::warning!("metrics without the job gauges: {error}");
+            Vec::new()
+        }
+        Err(error) => {
+            log::error!("{error}");
+            return Err(ApiError::Internal);
+        }
+    };
     let jobs: Vec<(&str, usize)> = jobs
         .iter()
         .map(|(status, count)| (status.as_str(), *count))

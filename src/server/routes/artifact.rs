@@ -48,7 +48,7 @@ pub(in crate::server) async fn generate(
             log::warning!("cannot queue a job: the job store is full: {why}");
             ApiError::Unavailable("the job store cannot take more jobs now")
         }
-        error @ StoreError::Failed(_) => store_failure(error),
+        error => store_failure(error),
     })?;
     log::info!(
         "job {job_id} ({artifact_type}) queued for user {}",
@@ -113,9 +113,16 @@ pub(in crate::server) async fn cancel_job(
     }
 }
 
+/// A store that is out of reach answers 503 with `Retry-After` (never a job accepted that
+/// cannot be stored); any other failure is a 500.
 fn store_failure(error: StoreError) -> ApiError {
     log::error!("{error}");
-    ApiError::Internal
+    match error {
+        StoreError::Unavailable(_) => {
+            ApiError::Unavailable("the job store is unreachable; retry shortly")
+        }
+        _ => ApiError::Internal,
+    }
 }
 
 /// Checks every field of a generate request and builds the queued job.
