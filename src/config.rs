@@ -143,6 +143,9 @@ pub struct Config {
     pub generator_delay: Duration,
     /// Where events cross processes (`REDIS_URL`); `None` keeps them in this process.
     pub redis: Option<RedisSettings>,
+    /// The certificate and key that turn on HTTPS (`TLS_CERT_FILE`, `TLS_KEY_FILE`); `None`
+    /// serves cleartext HTTP/1.1 and h2c.
+    pub tls: Option<TlsFiles>,
     /// The model server that generates artifacts (`GENERATOR=openai`); `None` uses the
     /// offline generator.
     pub openai: Option<OpenAiSettings>,
@@ -188,6 +191,16 @@ impl fmt::Debug for RedisSettings {
             .field("outbox_capacity", &self.outbox_capacity)
             .finish()
     }
+}
+
+/// The PEM files the server's HTTPS certificate chain and private key are read from, at
+/// start-up and again on SIGHUP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first (`TLS_CERT_FILE`).
+    pub cert_file: PathBuf,
+    /// The private key: PKCS#8, PKCS#1 or SEC1 (`TLS_KEY_FILE`).
+    pub key_file: PathBuf,
 }
 
 /// An environment variable with a value the server cannot use.
@@ -245,6 +258,7 @@ impl Config {
             database_path: None,
             generator_delay: Duration::ZERO,
             redis: None,
+            tls: None,
             openai: None,
         }
     }
@@ -366,6 +380,7 @@ impl Config {
                     .unwrap_or(DEFAULT_REDIS_OUTBOX_CAPACITY),
             });
         }
+        config.tls = tls_files(lookup)?;
         config.openai = openai_settings(lookup)?;
         Ok(config)
     }
@@ -417,6 +432,29 @@ impl Config {
             retry_backoff: self.retry_backoff,
             attempt_timeout: self.job_timeout,
         }
+    }
+}
+
+/// `TLS_CERT_FILE` and `TLS_KEY_FILE`: both or neither, since one alone cannot serve HTTPS.
+fn tls_files(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Option<TlsFiles>, ConfigError> {
+    match (
+        env_value(lookup, "TLS_CERT_FILE"),
+        env_value(lookup, "TLS_KEY_FILE"),
+    ) {
+        (Some(cert_file), Some(key_file)) => Ok(Some(TlsFiles {
+            cert_file: cert_file.into(),
+            key_file: key_file.into(),
+        })),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ConfigError {
+            variable: "TLS_KEY_FILE",
+            problem: "must be set with TLS_CERT_FILE (the certificate's private key, PEM)"
+                .to_owned(),
+        }),
+        (None, Some(_)) => Err(ConfigError {
+            variable: "TLS_CERT_FILE",
+            problem: "must be set with TLS_KEY_FILE (the certificate chain, PEM)".to_owned(),
+        }),
     }
 }
 

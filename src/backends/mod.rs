@@ -1,7 +1,7 @@
 //! The backends behind the core's seams, chosen once, at start-up, in [`open`]: the job store
 //! (`JobStore`), where the replay history is also kept (`HistorySink`), how events cross
-//! processes (`Relay`), the generator (`ArtifactGenerator`), and TLS for the outbound HTTP
-//! client (`TlsConnector`).
+//! processes (`Relay`), the generator (`ArtifactGenerator`), and TLS: for the outbound HTTP
+//! client (`TlsConnector`) and for the server's HTTPS (`TlsAcceptor`).
 //!
 //! This module and the backend modules below it are the only places that name a cargo
 //! feature; [`check`] is the one place that refuses a setting the build cannot serve.
@@ -28,6 +28,7 @@ use crate::jobs::{
     OpenAiGenerator,
 };
 use crate::metrics::Metrics;
+use crate::server::TlsAcceptor;
 
 /// What the server runs on, as the configuration chose it.
 pub struct Backends {
@@ -42,6 +43,8 @@ pub struct Backends {
     pub bus_subscription: Option<Handler>,
     /// Keeps other processes off the database file for as long as it is held.
     pub database_claim: Option<File>,
+    /// The server's HTTPS, when `TLS_CERT_FILE` and `TLS_KEY_FILE` name a certificate.
+    pub tls: Option<Arc<dyn TlsAcceptor>>,
 }
 
 /// Refuses a setting that this build was compiled without the feature for: refusing beats
@@ -65,6 +68,13 @@ pub fn check(config: &Config) -> Result<(), String> {
             .get(..8)
             .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
     });
+    if config.tls.is_some() && !cfg!(feature = "tls") {
+        return Err(
+            "TLS_CERT_FILE is set, but this build has no TLS support: rebuild with \
+             `cargo build --release --features tls`, or unset TLS_CERT_FILE and TLS_KEY_FILE"
+                .to_owned(),
+        );
+    }
     if https_model && !cfg!(feature = "tls") {
         return Err(
             "OPENAI_BASE_URL is https://, but this build has no TLS support: rebuild with \
@@ -81,6 +91,20 @@ pub fn tls_connector() -> Option<Arc<dyn TlsConnector>> {
     return Some(Arc::new(tls::RustlsConnector::with_webpki_roots()));
     #[cfg(not(feature = "tls"))]
     None
+}
+
+/// The server's HTTPS, from the certificate and key files `config` names, if it names any.
+pub fn tls_acceptor(config: &Config) -> Result<Option<Arc<dyn TlsAcceptor>>, String> {
+    let Some(files) = &config.tls else {
+        return Ok(None);
+    };
+    #[cfg(feature = "tls")]
+    return Ok(Some(Arc::new(tls::RustlsAcceptor::open(files.clone())?)));
+    #[cfg(not(feature = "tls"))]
+    Err(format!(
+        "cannot serve HTTPS with {}: this build has no TLS support",
+        files.cert_file.display()
+    ))
 }
 
 /// Opens the backends that `config` names: jobs and history in the SQLite file at
@@ -122,6 +146,7 @@ pub async fn open(
         streams: StreamIndex::new(config.stream_settings(), metrics.clone()),
         bus_subscription: None,
         database_claim: None,
+        tls: tls_acceptor(config)?,
     };
     #[cfg(feature = "sqlite")]
     let backends = match &config.database_path {

@@ -13,7 +13,7 @@ mod state;
 
 pub use auth::{Authenticator, Claims, Identity, PUBLISHER_ROLE};
 pub use error::ApiError;
-pub use listener::{run, shutdown_signal};
+pub use listener::{run, shutdown_signal, Protocol, TlsAcceptor, MAX_CONCURRENT_STREAMS};
 pub use request::{ConnectionInfo, RequestBody};
 pub use response::{json_response, ResponseBody};
 pub use router::handle;

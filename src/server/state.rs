@@ -11,6 +11,7 @@ use crate::jobs::{ArtifactGenerator, ArtifactWorker, JobStore, MemoryJobStore, O
 use crate::log;
 use crate::metrics::Metrics;
 use crate::server::auth::Authenticator;
+use crate::server::listener::TlsAcceptor;
 
 /// What every request handler can reach.
 pub struct AppState {
@@ -26,6 +27,8 @@ pub struct AppState {
     pub jobs: Arc<ArtifactWorker>,
     /// Counters for `GET /metrics`.
     pub metrics: Arc<Metrics>,
+    /// Wraps every connection in TLS, when `TLS_CERT_FILE` is set.
+    pub tls: Option<Arc<dyn TlsAcceptor>>,
     /// Set when shutdown begins: the server still finishes what it has, but is not ready.
     draining: AtomicBool,
     /// The index's bus subscription (none when a relay feeds it), removed on drop.
@@ -67,6 +70,7 @@ impl AppState {
             bus_subscription: Some(streams.attach(&bus)),
             streams,
             database_claim: None,
+            tls: None,
         };
         Self::assemble(config, bus, metrics, backends)
     }
@@ -91,6 +95,7 @@ impl AppState {
             auth,
             jobs,
             metrics,
+            tls: backends.tls,
             draining: AtomicBool::new(false),
             bus_subscription: backends.bus_subscription,
             _database_claim: backends.database_claim,
