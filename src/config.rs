@@ -580,6 +580,20 @@ mod tests {
     }
 
     #[test]
+    fn tls_needs_both_its_files_or_neither() {
+        let config = from(&[]).unwrap();
+        assert_eq!(config.tls, None);
+        let both = from(&[("TLS_CERT_FILE", "/c.pem"), ("TLS_KEY_FILE", "/k.pem")]).unwrap();
+        let files = both.tls.unwrap();
+        assert_eq!(files.cert_file, PathBuf::from("/c.pem"));
+        assert_eq!(files.key_file, PathBuf::from("/k.pem"));
+        let error = from(&[("TLS_CERT_FILE", "/c.pem")]).unwrap_err();
+        assert_eq!(error.variable, "TLS_KEY_FILE");
+        let error = from(&[("TLS_KEY_FILE", "/k.pem")]).unwrap_err();
+        assert_eq!(error.variable, "TLS_CERT_FILE");
+    }
+
+    #[test]
     fn connections_never_exceed_the_open_file_limit() {
         let files = open_file_limit().expect("Linux reports an open-file limit");
         let mut config = Config::with_secret("s");

@@ -232,6 +232,16 @@ mod tests {
             assert!(error.contains("--features redis"), "{error}");
         }
         config.redis = None;
+        config.tls = Some(crate::config::TlsFiles {
+            cert_file: "/etc/ssl/cert.pem".into(),
+            key_file: "/etc/ssl/key.pem".into(),
+        });
+        let refused = check(&config).err();
+        assert_eq!(refused.is_none(), cfg!(feature = "tls"));
+        if let Some(error) = refused {
+            assert!(error.contains("--features tls"), "{error}");
+        }
+        config.tls = None;
         let mut openai = crate::jobs::generator::OpenAiSettings {
             base_url: "http://127.0.0.1:11434/v1".to_owned(),
             api_key: None,
