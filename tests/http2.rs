@@ -424,3 +424,18 @@ async fn http1_clients_are_served_as_before_on_the_same_port() {
     assert_eq!(client.next_event().await["n"], 1);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_cleartext_client_that_stops_mid_preface_is_closed_after_the_header_read_timeout() {
+    let mut settings = config();
+    settings.header_read_timeout = Duration::from_secs(1);
+    let server = TestServer::start(settings).await;
+    let mut socket = TcpStream::connect(server.addr).await.unwrap();
+    socket.write_all(&CLIENT_PREFACE[..10]).await.unwrap();
+    let mut byte = [0; 1];
+    let read = tokio::time::timeout(PATIENCE, socket.read(&mut byte))
+        .await
+        .expect("the server closes the connection in time");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    server.stop().await;
+}

@@ -52,9 +52,9 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// bounded queue, where it is counted, into hyper, where it is not.
 const MAX_SEND_BUFFER_PER_STREAM: usize = 64 * 1024;
 
-/// The first bytes of HTTP/2's connection preface (`PRI * HTTP/2.0`): three of them tell it
+/// HTTP/2's client connection preface (RFC 9113, 3.4). Its first three bytes, `PRI`, tell it
 /// from every HTTP/1.1 method (`POST`, `PUT`, `PATCH`, `PROPFIND` …).
-const H2_PREFACE_START: &[u8; 3] = b"PRI";
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The application protocol of a connection, as ALPN or its first bytes chose it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -334,21 +334,24 @@ impl Body for SlotBody {
 }
 
 /// Whether a cleartext connection starts with HTTP/2's preface (h2c with prior knowledge) or
-/// is HTTP/1.1; waits for as few bytes as tell them apart, without consuming them.
+/// is HTTP/1.1, without consuming anything: HTTP/1.1 as soon as a byte differs from the
+/// preface, HTTP/2 once the whole preface is there (so hyper, which reads it without a timeout,
+/// finds it waiting).
 async fn sniff(socket: &TcpStream) -> io::Result<Protocol> {
-    let mut start = [0; H2_PREFACE_START.len()];
+    let mut start = [0; H2_PREFACE.len()];
     loop {
         let read = socket.peek(&mut start).await?;
         if read == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        if start[..read] != H2_PREFACE_START[..read] {
+        if start[..read] != H2_PREFACE[..read] {
             return Ok(Protocol::Http1);
         }
         if read == start.len() {
             return Ok(Protocol::Http2);
         }
-        // "P" or "PR" so far: peek would return the same bytes at once, so wait a moment.
+        // Part of the preface so far: peek would return the same bytes at once, so wait a
+        // moment for the rest.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
