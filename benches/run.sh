@@ -76,7 +76,7 @@ if $smoke; then
   start_server; run stalled stalled --streams 50 --events 2000
   start_server; run idle_h2 idle --streams 200 --users 10 --http2
   start_server; run publish_h2 publish --streams 100 --users 10 --rate 200 --seconds 1 --http2
-  start_server; run ramp_h2 ramp --streams 100 --users 2 --start 50 --seconds 1 --http2
+  start_server; run ramp_h2 ramp --streams 100 --users 2 --start 50 --seconds 1 --step-percent 50 --http2
   start_server "${tls[@]}"; run publish_h2_tls publish --streams 100 --users 10 --rate 200 --seconds 1 --http2 --insecure
 else
   start_server; run idle idle --streams 10000 --users 1000
