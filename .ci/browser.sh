@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The demo page at / in a real browser: installs Debian's Chromium (and Node.js if missing),
 # the browser test's npm packages exactly as package-lock.json pins them, builds the server
-# with all features (the test needs SQLite), and runs tests/browser with node's test runner.
+# with all features (the test needs SQLite; the HTTPS test, TLS), and runs tests/browser with
+# node's test runner: the demo page (page.test.mjs), and ten EventSources over HTTPS with HTTP/2
+# (https.test.mjs, which needs openssl).
 # The test starts and stops its own servers; whatever is left of its process group is killed
 # on exit. Screenshots of every step are kept in SCREENSHOT_DIR (a fresh temporary directory
 # unless set), and the path is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never DEBIAN_FRONTEND=noninteractive
-# The whole browser test (two servers, about twenty browser steps) must end within this.
+# The whole browser test (three servers, about twenty browser steps) must end within this.
 limit_secs=300
 
 apt_updated=

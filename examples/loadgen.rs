@@ -14,6 +14,10 @@
 //! ```
 //! `--publish-addr` sends the publishes to another server than the streams' `--addr` (two
 //! processes sharing one Redis: the latency is then cross-process).
+//! `--http2` opens the streams over HTTP/2 (h2c with prior knowledge, or ALPN `h2` with TLS),
+//! `--per-connection N` of them multiplexed on each connection (default 100, the server's
+//! `SETTINGS_MAX_CONCURRENT_STREAMS`); publishes stay on HTTP/1.1. `--insecure` speaks TLS to
+//! a server with a test certificate, verifying nothing (needs `--features tls`).
 //! Tokens are signed with `JWT_SECRET`, like the server's. `--pid` lets it read the server's
 //! RSS (`/proc/PID/status`) and CPU time (`/proc/PID/task/*/schedstat`).
 
@@ -23,12 +27,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use artifact_events::http_client::Connection;
 use artifact_events::server::Authenticator;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper::Request;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use jsonwebtoken::Algorithm;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
@@ -46,6 +51,105 @@ struct Options {
     pid: Option<u32>,
     values: HashMap<String, String>,
     auth: Authenticator,
+    transport: Transport,
+}
+
+/// How the load generator reaches the server.
+#[derive(Clone, Copy)]
+struct Transport {
+    /// Streams over HTTP/2, this many per connection; `None`: one HTTP/1.1 connection each.
+    http2: Option<u64>,
+    /// TLS without verifying the certificate (`--insecure`).
+    tls: bool,
+}
+
+impl Transport {
+    /// A connection to `addr`, in TLS when asked, offering `alpn` (`h2` or `http/1.1`).
+    async fn connect(self, addr: SocketAddr, alpn: &[u8]) -> std::io::Result<Box<dyn Connection>> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        if !self.tls {
+            return Ok(Box::new(stream));
+        }
+        #[cfg(feature = "tls")]
+        return insecure::connect(stream, alpn).await;
+        #[cfg(not(feature = "tls"))]
+        panic!("--insecure needs TLS: build the load generator with --features tls ({alpn:?})");
+    }
+
+    fn scheme(self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
+/// TLS that trusts any certificate: for benchmarks against a server with a test certificate,
+/// never for anything else.
+#[cfg(feature = "tls")]
+mod insecure {
+    use std::sync::Arc;
+
+    use artifact_events::http_client::Connection;
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::CryptoProvider;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+    use tokio::net::TcpStream;
+
+    #[derive(Debug)]
+    struct AnyCertificate(Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for AnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    pub async fn connect(stream: TcpStream, alpn: &[u8]) -> std::io::Result<Box<dyn Connection>> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let name = ServerName::try_from("localhost").expect("a valid name");
+        Ok(Box::new(connector.connect(name, stream).await?))
+    }
 }
 
 impl Options {
@@ -68,10 +172,19 @@ async fn main() {
         std::process::exit(2);
     });
     let mut values = HashMap::new();
+    let (mut http2, mut tls) = (false, false);
     while let Some(flag) = args.next() {
         let name = flag
             .strip_prefix("--")
             .unwrap_or_else(|| panic!("unexpected {flag:?}"));
+        match name {
+            "http2" => http2 = true,
+            "insecure" => tls = true,
+            _ => {}
+        }
+        if name == "http2" || name == "insecure" {
+            continue;
+        }
         values.insert(
             name.to_owned(),
             args.next()
@@ -90,6 +203,14 @@ async fn main() {
             .remove("publish-addr")
             .map_or(addr, |value| value.parse().expect("--publish-addr")),
         pid: values.remove("pid").map(|pid| pid.parse().expect("--pid")),
+        transport: Transport {
+            http2: http2.then(|| {
+                values
+                    .remove("per-connection")
+                    .map_or(100, |value| value.parse().expect("--per-connection"))
+            }),
+            tls,
+        },
         values,
         auth: Authenticator::new(secret.as_bytes(), Algorithm::HS256),
     };
@@ -106,6 +227,7 @@ async fn main() {
             let rate = options.number("rate", 5_000);
             let run = publish_run(&options, &streams, rate, options.number("seconds", 30)).await;
             json!({"scenario": "publish", "streams": streams.count, "users": streams.users,
+                   "http2_streams_per_connection": options.transport.http2, "tls": options.transport.tls,
                    "connect_seconds": streams.connect_seconds, "connect_failures": streams.failures, "result": run})
         }
         "ramp" => ramp(&options).await,
@@ -134,6 +256,7 @@ async fn idle(options: &Options) -> serde_json::Value {
         _ => None,
     };
     json!({"scenario": "idle", "streams": streams.count, "users": streams.users,
+           "http2_streams_per_connection": options.transport.http2, "tls": options.transport.tls,
            "connect_seconds": streams.connect_seconds, "connect_failures": streams.failures,
            "rss_before": before, "rss_after": after, "rss_bytes_per_stream": per_stream})
 }
@@ -195,6 +318,7 @@ async fn ramp(options: &Options) -> serde_json::Value {
         rate = (rate as f64 * step) as u64;
     }
     json!({"scenario": "ramp", "streams": streams.count, "users": streams.users, "fan_out": fan_out,
+           "http2_streams_per_connection": options.transport.http2, "tls": options.transport.tls,
            "best": best, "steps": steps})
 }
 
@@ -348,6 +472,7 @@ async fn open_streams(options: &Options, count: u64, users: u64) -> Streams {
 }
 
 /// Opens one stream per name and waits for every connected frame; readers run in the background.
+/// Over HTTP/2, every `per_connection` streams share a connection.
 async fn open_streams_for(options: &Options, users: Vec<String>) -> Streams {
     let stats = Arc::new(Stats {
         delivered: AtomicU64::new(0),
@@ -358,10 +483,31 @@ async fn open_streams_for(options: &Options, users: Vec<String>) -> Streams {
     let mut failures = 0;
     let count = users.len() as u64;
     let mut pending = tokio::task::JoinSet::new();
+    let mut shared: Option<(H2Sender, u64)> = None;
     for user in users {
         let token = options.auth.issue(&user, false, Duration::from_secs(3600));
-        let (addr, stats) = (options.addr, stats.clone());
-        pending.spawn(async move { read_stream(addr, user, token, stats).await });
+        let via = match options.transport.http2 {
+            None => Via::Http1(options.addr, options.transport),
+            Some(per_connection) => {
+                if shared
+                    .as_ref()
+                    .is_none_or(|(_, used)| *used >= per_connection)
+                {
+                    match h2_connection(options).await {
+                        Some(sender) => shared = Some((sender, 0)),
+                        None => {
+                            failures += 1;
+                            continue;
+                        }
+                    }
+                }
+                let (sender, used) = shared.as_mut().expect("just connected");
+                *used += 1;
+                Via::Http2(sender.clone(), options.addr, options.transport)
+            }
+        };
+        let stats = stats.clone();
+        pending.spawn(async move { read_stream(via, user, token, stats).await });
         // Keep the accept backlog from overflowing.
         if pending.len() >= 256 {
             if let Some(Ok(false)) = pending.join_next().await {
@@ -383,24 +529,59 @@ async fn open_streams_for(options: &Options, users: Vec<String>) -> Streams {
     }
 }
 
+type H2Sender = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+/// How one stream reaches the server: a connection of its own, or a stream on a shared one.
+enum Via {
+    Http1(SocketAddr, Transport),
+    Http2(H2Sender, SocketAddr, Transport),
+}
+
+/// A new HTTP/2 connection for streams to share; its connection task runs in the background.
+async fn h2_connection(options: &Options) -> Option<H2Sender> {
+    let io = options.transport.connect(options.addr, b"h2").await.ok()?;
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .ok()?;
+    tokio::spawn(connection);
+    Some(sender)
+}
+
 /// Connects one stream; returns once the connected frame arrived (true) or it failed (false),
 /// leaving a task that reads events into `stats`.
-async fn read_stream(addr: SocketAddr, user: String, token: String, stats: Arc<Stats>) -> bool {
-    let Ok(stream) = TcpStream::connect(addr).await else {
-        return false;
+async fn read_stream(via: Via, user: String, token: String, stats: Arc<Stats>) -> bool {
+    let response = match via {
+        Via::Http1(addr, transport) => {
+            let Ok(io) = transport.connect(addr, b"http/1.1").await else {
+                return false;
+            };
+            let Ok((mut sender, connection)) =
+                hyper::client::conn::http1::handshake(TokioIo::new(io)).await
+            else {
+                return false;
+            };
+            tokio::spawn(connection);
+            let request = Request::get("/ai/artifact/events/stream")
+                .header("host", "loadgen")
+                .header("authorization", format!("Bearer {token}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            sender.send_request(request).await
+        }
+        Via::Http2(mut sender, addr, transport) => {
+            let uri = format!("{}://{addr}/ai/artifact/events/stream", transport.scheme());
+            let request = Request::get(uri)
+                .header("authorization", format!("Bearer {token}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            if sender.ready().await.is_err() {
+                return false;
+            }
+            sender.send_request(request).await
+        }
     };
-    let Ok((mut sender, connection)) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-    else {
-        return false;
-    };
-    tokio::spawn(connection);
-    let request = Request::get("/ai/artifact/events/stream")
-        .header("host", "loadgen")
-        .header("authorization", format!("Bearer {token}"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let Ok(response) = sender.send_request(request).await else {
+    let Ok(response) = response else {
         return false;
     };
     if response.status() != 200 {
@@ -466,10 +647,11 @@ struct Publisher {
 
 impl Publisher {
     async fn connect(options: &Options) -> Publisher {
-        let stream = TcpStream::connect(options.publish_addr)
+        let stream = options
+            .transport
+            .connect(options.publish_addr, b"http/1.1")
             .await
             .expect("connect");
-        stream.set_nodelay(true).unwrap();
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .unwrap();

@@ -169,6 +169,9 @@ pub struct Config {
     pub job_claim_timeout: Duration,
     /// How long a finished job stays in Redis (`JOB_RETENTION_SECS`).
     pub job_retention: Duration,
+    /// The certificate and key that turn on HTTPS (`TLS_CERT_FILE`, `TLS_KEY_FILE`); `None`
+    /// serves cleartext HTTP/1.1 and h2c.
+    pub tls: Option<TlsFiles>,
     /// The model server that generates artifacts (`GENERATOR=openai`); `None` uses the
     /// offline generator.
     pub openai: Option<OpenAiSettings>,
@@ -216,6 +219,16 @@ impl fmt::Debug for RedisSettings {
             .field("outbox_capacity", &self.outbox_capacity)
             .finish()
     }
+}
+
+/// The PEM files the server's HTTPS certificate chain and private key are read from, at
+/// start-up and again on SIGHUP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first (`TLS_CERT_FILE`).
+    pub cert_file: PathBuf,
+    /// The private key: PKCS#8, PKCS#1 or SEC1 (`TLS_KEY_FILE`).
+    pub key_file: PathBuf,
 }
 
 /// An environment variable with a value the server cannot use.
@@ -282,6 +295,7 @@ impl Config {
             redis: None,
             job_claim_timeout: Duration::from_secs(DEFAULT_JOB_CLAIM_TIMEOUT_SECS),
             job_retention: Duration::from_secs(DEFAULT_JOB_RETENTION_SECS),
+            tls: None,
             openai: None,
             webhooks: WebhookSettings::default(),
         }
@@ -439,6 +453,7 @@ impl Config {
         if let Some(secs) = env_positive(lookup, "JOB_RETENTION_SECS")? {
             config.job_retention = Duration::from_secs(secs as u64);
         }
+        config.tls = tls_files(lookup)?;
         config.openai = openai_settings(lookup)?;
         config.webhooks = webhook_settings(lookup)?;
         Ok(config)
@@ -533,6 +548,29 @@ fn jwt_rules(lookup: &dyn Fn(&str) -> Option<String>) -> Result<ClaimRules, Conf
             .unwrap_or(DEFAULT_JWT_LEEWAY_SECS),
         algorithms,
     })
+}
+
+/// `TLS_CERT_FILE` and `TLS_KEY_FILE`: both or neither, since one alone cannot serve HTTPS.
+fn tls_files(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Option<TlsFiles>, ConfigError> {
+    match (
+        env_value(lookup, "TLS_CERT_FILE"),
+        env_value(lookup, "TLS_KEY_FILE"),
+    ) {
+        (Some(cert_file), Some(key_file)) => Ok(Some(TlsFiles {
+            cert_file: cert_file.into(),
+            key_file: key_file.into(),
+        })),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ConfigError {
+            variable: "TLS_KEY_FILE",
+            problem: "must be set with TLS_CERT_FILE (the certificate's private key, PEM)"
+                .to_owned(),
+        }),
+        (None, Some(_)) => Err(ConfigError {
+            variable: "TLS_CERT_FILE",
+            problem: "must be set with TLS_KEY_FILE (the certificate chain, PEM)".to_owned(),
+        }),
+    }
 }
 
 /// The model server's settings when `GENERATOR=openai`; `None` for the offline generator. The
@@ -716,6 +754,20 @@ mod tests {
             ..settings
         };
         assert_eq!(plain.shown_url(), "redis://127.0.0.1:6379");
+    }
+
+    #[test]
+    fn tls_needs_both_its_files_or_neither() {
+        let config = from(&[]).unwrap();
+        assert_eq!(config.tls, None);
+        let both = from(&[("TLS_CERT_FILE", "/c.pem"), ("TLS_KEY_FILE", "/k.pem")]).unwrap();
+        let files = both.tls.unwrap();
+        assert_eq!(files.cert_file, PathBuf::from("/c.pem"));
+        assert_eq!(files.key_file, PathBuf::from("/k.pem"));
+        let error = from(&[("TLS_CERT_FILE", "/c.pem")]).unwrap_err();
+        assert_eq!(error.variable, "TLS_KEY_FILE");
+        let error = from(&[("TLS_KEY_FILE", "/k.pem")]).unwrap_err();
+        assert_eq!(error.variable, "TLS_CERT_FILE");
     }
 
     #[test]

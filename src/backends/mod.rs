@@ -1,7 +1,8 @@
 //! The backends behind the core's seams, chosen once, at start-up, in [`open`]: the job store
 //! (`JobStore`), where the replay history is also kept (`HistorySink`), how events cross
 //! processes (`Relay`), the generator (`ArtifactGenerator`), TLS for the outbound HTTP
-//! client (`TlsConnector`), and where webhooks and their outbox are kept (`WebhookStore`).
+//! client (`TlsConnector`) and for the server's HTTPS (`TlsAcceptor`), and where webhooks and
+//! their outbox are kept (`WebhookStore`).
 //!
 //! This module and the backend modules below it are the only places that name a cargo
 //! feature; [`check`] is the one place that refuses a setting the build cannot serve.
@@ -32,6 +33,7 @@ use crate::jobs::{
     OpenAiGenerator,
 };
 use crate::metrics::Metrics;
+use crate::server::TlsAcceptor;
 use crate::webhooks::{MemoryWebhookStore, WebhookStore};
 
 /// What the server runs on, as the configuration chose it.
@@ -49,6 +51,8 @@ pub struct Backends {
     pub database_claim: Option<File>,
     /// Where webhook subscriptions, pending deliveries and recent attempts are kept.
     pub webhook_store: Arc<dyn WebhookStore>,
+    /// The server's HTTPS, when `TLS_CERT_FILE` and `TLS_KEY_FILE` name a certificate.
+    pub tls: Option<Arc<dyn TlsAcceptor>>,
 }
 
 /// Refuses a setting that this build was compiled without the feature for: refusing beats
@@ -94,6 +98,13 @@ pub fn check(config: &Config) -> Result<(), String> {
                 .to_owned(),
         );
     }
+    if config.tls.is_some() && !cfg!(feature = "tls") {
+        return Err(
+            "TLS_CERT_FILE is set, but this build has no TLS support: rebuild with \
+             `cargo build --release --features tls`, or unset TLS_CERT_FILE and TLS_KEY_FILE"
+                .to_owned(),
+        );
+    }
     if https_model && !cfg!(feature = "tls") {
         return Err(
             "OPENAI_BASE_URL is https://, but this build has no TLS support: rebuild with \
@@ -110,6 +121,20 @@ pub fn tls_connector() -> Option<Arc<dyn TlsConnector>> {
     return Some(Arc::new(tls::RustlsConnector::with_webpki_roots()));
     #[cfg(not(feature = "tls"))]
     None
+}
+
+/// The server's HTTPS, from the certificate and key files `config` names, if it names any.
+pub fn tls_acceptor(config: &Config) -> Result<Option<Arc<dyn TlsAcceptor>>, String> {
+    let Some(files) = &config.tls else {
+        return Ok(None);
+    };
+    #[cfg(feature = "tls")]
+    return Ok(Some(Arc::new(tls::RustlsAcceptor::open(files.clone())?)));
+    #[cfg(not(feature = "tls"))]
+    Err(format!(
+        "cannot serve HTTPS with {}: this build has no TLS support",
+        files.cert_file.display()
+    ))
 }
 
 /// Opens the backends that `config` names: jobs and history in the SQLite file at
@@ -152,6 +177,7 @@ pub async fn open(
         bus_subscription: None,
         database_claim: None,
         webhook_store: Arc::new(MemoryWebhookStore::new()),
+        tls: tls_acceptor(config)?,
     };
     #[cfg(feature = "sqlite")]
     let backends = match &config.database_path {
@@ -269,6 +295,16 @@ mod tests {
             assert!(error.contains("--features redis"), "{error}");
         }
         config.redis = None;
+        config.tls = Some(crate::config::TlsFiles {
+            cert_file: "/etc/ssl/cert.pem".into(),
+            key_file: "/etc/ssl/key.pem".into(),
+        });
+        let refused = check(&config).err();
+        assert_eq!(refused.is_none(), cfg!(feature = "tls"));
+        if let Some(error) = refused {
+            assert!(error.contains("--features tls"), "{error}");
+        }
+        config.tls = None;
         let mut openai = crate::jobs::generator::OpenAiSettings {
             base_url: "http://127.0.0.1:11434/v1".to_owned(),
             api_key: None,

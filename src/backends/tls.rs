@@ -1,18 +1,37 @@
-//! TLS for the outbound HTTP client (feature `tls`): [`RustlsConnector`], the client's
-//! [`TlsConnector`], on rustls with the ring provider.
+//! TLS on rustls with the ring provider (feature `tls`), both ways: [`RustlsConnector`], the
+//! outbound HTTP client's [`TlsConnector`], and [`RustlsAcceptor`], the server's HTTPS
+//! ([`TlsAcceptor`]). Both take the provider and protocol versions from [`provider`].
 //!
-//! Invariant: certificates are always verified, against the Mozilla roots (`webpki-roots`) or
-//! the roots given; there is no switch that turns verification off.
+//! Invariant: the client always verifies certificates, against the Mozilla roots
+//! (`webpki-roots`) or the roots given; there is no switch that turns verification off.
+//! Invariant: the server reads its certificate only from the files configured, at start-up
+//! and on [`TlsAcceptor::reload`]; a reload that fails keeps the certificate in use.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::net::TcpStream;
 
+use crate::config::TlsFiles;
 use crate::events::BoxFuture;
 use crate::http_client::{Connection, TlsConnector};
+use crate::panic::lock;
+use crate::server::{Protocol, TlsAcceptor};
+
+/// ALPN's name for HTTP/2.
+const ALPN_H2: &[u8] = b"h2";
+/// ALPN's name for HTTP/1.1.
+const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// The one rustls set-up both sides share: the ring provider (no cmake or NASM to build), TLS
+/// 1.2 and 1.3.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
 
 /// Speaks TLS 1.2 and 1.3 (HTTP/1.1 over ALPN), trusting one set of root certificates.
 #[derive(Clone)]
@@ -36,14 +55,21 @@ impl RustlsConnector {
         Ok(RustlsConnector::trusting(roots))
     }
 
+    /// The same connector offering `protocols` by ALPN, most preferred first (an HTTP/2
+    /// client offers `h2`); the outbound client itself speaks HTTP/1.1 only.
+    pub fn offering(mut self, protocols: &[&[u8]]) -> RustlsConnector {
+        Arc::make_mut(&mut self.config).alpn_protocols =
+            protocols.iter().map(|protocol| protocol.to_vec()).collect();
+        self
+    }
+
     fn trusting(roots: RootCertStore) -> RustlsConnector {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = ClientConfig::builder_with_provider(provider)
+        let mut config = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .expect("the ring provider supports the default protocol versions")
             .with_root_certificates(roots)
             .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
         RustlsConnector {
             config: Arc::new(config),
         }
@@ -71,4 +97,67 @@ impl TlsConnector for RustlsConnector {
             Ok(Box::new(stream) as Box<dyn Connection>)
         })
     }
+}
+
+/// The server's HTTPS: the certificate chain and key from [`TlsFiles`], ALPN `h2` then
+/// `http/1.1`, and a reload that swaps the configuration for later handshakes.
+pub struct RustlsAcceptor {
+    files: TlsFiles,
+    /// What the next handshake uses. A std `Mutex`, held only to clone or replace the `Arc`;
+    /// a connection keeps the configuration its handshake started with.
+    config: Mutex<Arc<ServerConfig>>,
+}
+
+impl RustlsAcceptor {
+    /// Reads the certificate chain and key from `files`; the error names the file at fault.
+    pub fn open(files: TlsFiles) -> Result<RustlsAcceptor, String> {
+        let config = Mutex::new(Arc::new(server_config(&files)?));
+        Ok(RustlsAcceptor { files, config })
+    }
+}
+
+impl TlsAcceptor for RustlsAcceptor {
+    fn accept(
+        &self,
+        stream: TcpStream,
+    ) -> BoxFuture<'static, io::Result<(Box<dyn Connection>, Protocol)>> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(lock(&self.config).clone());
+        Box::pin(async move {
+            let stream = acceptor.accept(stream).await?;
+            let protocol = match stream.get_ref().1.alpn_protocol() {
+                Some(ALPN_H2) => Protocol::Http2,
+                _ => Protocol::Http1,
+            };
+            Ok((Box::new(stream) as Box<dyn Connection>, protocol))
+        })
+    }
+
+    fn reload(&self) -> Result<(), String> {
+        let config = server_config(&self.files)?;
+        *lock(&self.config) = Arc::new(config);
+        Ok(())
+    }
+}
+
+/// A server configuration for the PEM files in `files`.
+fn server_config(files: &TlsFiles) -> Result<ServerConfig, String> {
+    let (cert_file, key_file) = (files.cert_file.display(), files.key_file.display());
+    let chain = CertificateDer::pem_file_iter(&files.cert_file)
+        .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
+        .map_err(|error| format!("TLS_CERT_FILE {cert_file}: {error}"))?;
+    if chain.is_empty() {
+        return Err(format!("TLS_CERT_FILE {cert_file}: no certificate in it"));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key_file)
+        .map_err(|error| format!("TLS_KEY_FILE {key_file}: {error}"))?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports the default protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|error| {
+            format!("TLS_CERT_FILE {cert_file} with TLS_KEY_FILE {key_file}: {error}")
+        })?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+    Ok(config)
 }

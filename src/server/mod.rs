@@ -17,7 +17,7 @@ pub use auth::{
     MIN_REFETCH_INTERVAL, PUBLISHER_ROLE,
 };
 pub use error::ApiError;
-pub use listener::{run, shutdown_signal};
+pub use listener::{run, shutdown_signal, Protocol, TlsAcceptor, MAX_CONCURRENT_STREAMS};
 pub use metrics_listener::serve_metrics;
 pub use request::{ConnectionInfo, RequestBody};
 pub use response::{json_response, ResponseBody};

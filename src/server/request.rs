@@ -32,7 +32,9 @@ impl<B> RequestBody for B where
 pub struct ConnectionInfo {
     /// The client's address.
     pub peer: SocketAddr,
-    /// Notified to close the connection: how a stream whose client stopped reading ends.
+    /// Notified to close the connection: how an HTTP/1.1 stream whose client stopped reading
+    /// ends. An HTTP/2 request gets one of its own that closes nothing: its stream ends
+    /// through its closed queue, and the connection stays open for its other streams.
     pub disconnect: Arc<Notify>,
 }
 

@@ -11,6 +11,7 @@ use crate::jobs::{ArtifactGenerator, ArtifactWorker, JobStore, MemoryJobStore, O
 use crate::log;
 use crate::metrics::Metrics;
 use crate::server::auth::Authenticator;
+use crate::server::listener::TlsAcceptor;
 use crate::webhooks::{MemoryWebhookStore, Webhooks};
 
 /// What every request handler can reach.
@@ -31,6 +32,8 @@ pub struct AppState {
     pub webhooks: Arc<Webhooks>,
     /// The webhooks' bus subscription, removed on drop.
     webhook_subscription: Handler,
+    /// Wraps every connection in TLS, when `TLS_CERT_FILE` is set.
+    pub tls: Option<Arc<dyn TlsAcceptor>>,
     /// Set when shutdown begins: the server still finishes what it has, but is not ready.
     draining: AtomicBool,
     /// The index's bus subscription (none when a relay feeds it), removed on drop.
@@ -83,6 +86,7 @@ impl AppState {
             streams,
             database_claim: None,
             webhook_store: Arc::new(MemoryWebhookStore::new()),
+            tls: None,
         };
         let auth = Authenticator::for_config(&config, None, None);
         let webhooks = Webhooks::new(
@@ -118,6 +122,7 @@ impl AppState {
             metrics,
             webhooks,
             webhook_subscription,
+            tls: backends.tls,
             draining: AtomicBool::new(false),
             bus_subscription: backends.bus_subscription,
             _database_claim: backends.database_claim,

@@ -60,7 +60,7 @@ export async function startServer(env) {
     });
     createInterface({ input: child.stderr }).on("line", (line) => {
       log.push(line);
-      const found = /listening on (http:\/\/[^\s"]+)/.exec(line);
+      const found = /listening on (https?:\/\/[^\s"]+)/.exec(line);
       if (found) {
         clearTimeout(timer);
         resolve(found[1]);

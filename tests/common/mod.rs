@@ -384,7 +384,11 @@ impl RunningServer {
             );
             let line = line.trim_end().to_owned();
             // The address ends the text line; in a JSON line, a quote ends it.
-            if let Some(rest) = line.split("listening on http://").nth(1) {
+            let address = line.split("listening on ").nth(1).and_then(|rest| {
+                rest.strip_prefix("http://")
+                    .or_else(|| rest.strip_prefix("https://"))
+            });
+            if let Some(rest) = address {
                 break rest.split('"').next().unwrap().parse().unwrap();
             }
             sender.send(line).unwrap();
