@@ -46,8 +46,14 @@ fn options() -> Options {
         artifact_type: "summary".to_owned(),
     };
     while let Some(flag) = args.next() {
-        let value = args.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        let number = || -> u64 { value.parse().unwrap_or_else(|_| panic!("{flag}: {value:?}")) };
+        let value = args
+            .next()
+            .unwrap_or_else(|| panic!("{flag} needs a value"));
+        let number = || -> u64 {
+            value
+                .parse()
+                .unwrap_or_else(|_| panic!("{flag}: {value:?}"))
+        };
         match flag.as_str() {
             "--addr" => options.addr = value.parse().expect("--addr HOST:PORT"),
             "--pid" => options.pid = number() as u32,
@@ -58,7 +64,10 @@ fn options() -> Options {
             other => panic!("unknown flag {other}"),
         }
     }
-    assert!(options.pid != 0, "--pid SERVER_PID is required: the figures are its memory");
+    assert!(
+        options.pid != 0,
+        "--pid SERVER_PID is required: the figures are its memory"
+    );
     options
 }
 

@@ -324,7 +324,10 @@ async fn metrics_addr_serves_the_counters_on_its_own_listener_only() {
         if let Some(addr) = found {
             break addr.parse().unwrap();
         }
-        assert!(logged_at.elapsed() < PATIENCE, "the metrics address is logged");
+        assert!(
+            logged_at.elapsed() < PATIENCE,
+            "the metrics address is logged"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     let get = |path: &str| request("GET", path, None, bytes::Bytes::new());

@@ -14,7 +14,7 @@ pub mod sqlite;
 pub mod tls;
 
 #[cfg(feature = "redis")]
-pub use redis_relay::RedisRelay;
+pub use redis_relay::{DurableOutbox, RedisRelay};
 
 use std::fs::File;
 use std::sync::Arc;
@@ -135,6 +135,7 @@ pub async fn open(
             bus.clone(),
             metrics.clone(),
             config.stream_settings(),
+            durable_outbox(config)?,
         )
         .await?;
         return Ok(Backends {
@@ -146,6 +147,25 @@ pub async fn open(
         bus_subscription: Some(backends.streams.attach(bus)),
         ..backends
     })
+}
+
+/// Where events published during a Redis outage are kept: a table in the SQLite file, if the
+/// server has one (already claimed by [`with_sqlite`]); without it, such publishes are refused.
+#[cfg(all(feature = "redis", feature = "sqlite"))]
+fn durable_outbox(config: &Config) -> Result<Option<Arc<dyn DurableOutbox>>, String> {
+    match &config.database_path {
+        Some(path) => {
+            let outbox = sqlite::SqliteOutbox::open(path).map_err(|error| error.to_string())?;
+            Ok(Some(Arc::new(outbox)))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Without SQLite there is no durable outbox: publishes during a Redis outage are refused.
+#[cfg(all(feature = "redis", not(feature = "sqlite")))]
+fn durable_outbox(_config: &Config) -> Result<Option<Arc<dyn DurableOutbox>>, String> {
+    Ok(None)
 }
 
 /// `backends` with the SQLite file at `path` in place of the memory job store and, unless

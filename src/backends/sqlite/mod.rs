@@ -3,9 +3,13 @@
 
 mod history;
 mod job_store;
+#[cfg(feature = "redis")]
+mod outbox;
 
 pub use history::{open as open_history, HistoryWriter, WRITER_QUEUE_CAPACITY};
 pub use job_store::SqliteJobStore;
+#[cfg(feature = "redis")]
+pub use outbox::SqliteOutbox;
 
 use std::fmt;
 use std::fs::{File, OpenOptions, TryLockError};
@@ -57,6 +61,12 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE jobs ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
     UPDATE jobs SET size = 512 + length(id) + length(user_id) + length(notebook_id)
         + length(content) + coalesce(length(result), 0) + coalesce(length(error), 0);",
+    // 3: events acknowledged during a Redis outage and not yet appended to Redis (issue 19).
+    "CREATE TABLE redis_outbox (
+        row INTEGER PRIMARY KEY,
+        event_type TEXT NOT NULL,
+        data TEXT NOT NULL
+    );",
 ];
 
 /// The schema version this build writes.
