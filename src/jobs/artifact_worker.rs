@@ -21,7 +21,8 @@ pub const MAX_REPAIR_ATTEMPTS: usize = 2;
 
 /// Pause before publishing a job's final event again after the bus refused it (Redis
 /// unreachable): from the first delay, doubling up to the last.
-const REPUBLISH_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(5));
+const REPUBLISH_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(200), Duration::from_secs(5));
 
 /// How the worker runs jobs.
 #[derive(Clone, Debug)]
@@ -409,8 +410,12 @@ impl ArtifactWorker {
     /// or progress event is not: the next event of the job supersedes it.
     async fn publish(&self, event_type: EventType, data: Value) {
         let job_id = data["job_id"].as_str().unwrap_or_default().to_owned();
-        let final_event = [EventType::COMPLETED, EventType::FAILED, EventType::CANCELLED]
-            .contains(&event_type);
+        let final_event = [
+            EventType::COMPLETED,
+            EventType::FAILED,
+            EventType::CANCELLED,
+        ]
+        .contains(&event_type);
         let retained = final_event.then(|| data.clone());
         match (self.bus.try_publish(&event_type, data).await, retained) {
             (Ok(_), _) => log::info!("job {job_id}: published {event_type}"),
