@@ -29,6 +29,7 @@ pub struct Metrics {
     redis_durable_outbox: AtomicI64,
     redis_refused: AtomicU64,
     redis_appended_on_recovery: AtomicU64,
+    redis_losses_detected: AtomicU64,
 }
 
 /// What happened to the events of one type.
@@ -106,6 +107,11 @@ impl Metrics {
     pub fn count_redis_appended_on_recovery(&self, count: u64) {
         self.redis_appended_on_recovery
             .fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// Adds one recovery that found Redis had lost entries this process had not read.
+    pub fn count_redis_loss_detected(&self) {
+        self.redis_losses_detected.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether events cross processes through Redis and Redis is unreachable now.
@@ -228,6 +234,11 @@ impl Metrics {
                     "artifact_events_redis_appended_on_recovery_total",
                     "Events appended to Redis from an outbox once it was back, or by a restarted process.",
                     &self.redis_appended_on_recovery,
+                ),
+                (
+                    "artifact_events_redis_losses_detected_total",
+                    "Recoveries that found Redis had lost entries this process had not read; every open stream got replay_incomplete.",
+                    &self.redis_losses_detected,
                 ),
             ] {
                 let _ = writeln!(

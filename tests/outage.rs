@@ -218,7 +218,7 @@ async fn publish(addr: SocketAddr, n: u64) -> hyper::StatusCode {
 // Multi-threaded: `RunningServer::start` blocks its thread while the others serve.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_events_of_a_process_killed_during_an_outage_reach_every_stream() {
-    let mut redis = Redis::start(false);
+    let mut redis = Redis::start(true);
     let stream = stream_key();
     let dir = TempDir::new("outage-killed");
     let databases: Vec<_> = ["a", "b", "c"]
@@ -303,7 +303,7 @@ async fn acknowledged_events_of_a_process_killed_during_an_outage_reach_every_st
 /// `Retry-After`, and none of the refused events appears anywhere later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_durable_outbox_publishes_during_an_outage_are_refused_and_appear_nowhere() {
-    let mut redis = Redis::start(false);
+    let mut redis = Redis::start(true);
     let stream = stream_key();
     let processes = [
         server(&redis.url(), &stream, None),
@@ -339,6 +339,34 @@ async fn without_a_durable_outbox_publishes_during_an_outage_are_refused_and_app
         assert!(seen.is_empty(), "refused events appeared: {seen:?}");
         assert!(!incomplete);
     }
+}
+
+/// A Redis restarted without its data may have lost acknowledged entries that a process had
+/// not read yet: every stream of that process is told (`replay_incomplete`), not left in
+/// silence; a Redis that kept its data (append-only) causes no such notice (see above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_that_stayed_put_are_told_when_redis_lost_entries() {
+    let mut redis = Redis::start(false);
+    let stream = stream_key();
+    let a = server(&redis.url(), &stream, None);
+    let mut on_a = resume(a.addr, "alice", None).await;
+    let mut bob_on_a = resume(a.addr, "bob", None).await;
+    assert_eq!(publish(a.addr, 0).await, 202);
+    read_until(&mut on_a, 0).await;
+    redis.shutdown();
+    redis.restart();
+    wait_until_recovered(a.addr).await;
+    for client in [&mut on_a, &mut bob_on_a] {
+        let notice = client.next_event().await;
+        assert_eq!(notice["type"], "replay_incomplete", "{notice}");
+    }
+    assert_eq!(
+        metric(a.addr, "artifact_events_redis_losses_detected_total").await,
+        Some(1)
+    );
+    assert_eq!(publish(a.addr, 1).await, 202);
+    let (seen, incomplete, _) = read_until(&mut on_a, 1).await;
+    assert!(seen.is_empty() && !incomplete);
 }
 
 /// A job that finishes during an outage (no durable outbox) has its final status stored, and

@@ -34,7 +34,7 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use redis::{AsyncConnectionConfig, Client, RedisError};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use crate::config::RedisSettings;
@@ -43,6 +43,7 @@ use crate::events::{BoxFuture, EventBus, EventType, PublishError, PublishResult,
 use crate::log;
 use crate::metrics::Metrics;
 use crate::panic::lock;
+use crate::sse::encoder;
 
 /// How long one `XREAD` blocks before asking again; also how soon a silent outage is noticed.
 const READ_BLOCK: Duration = Duration::from_millis(1000);
@@ -315,6 +316,17 @@ impl RedisRelay {
     async fn recover(&self, last_read: &mut String) -> Result<MultiplexedConnection, RedisError> {
         let mut writer = connect(&self.client, COMMAND_TIMEOUT).await?;
         let mut reader = connect(&self.client, COMMAND_TIMEOUT + READ_BLOCK).await?;
+        if self.lost_entries(&mut reader, last_read).await? {
+            // Before what is read now, so that the streams hear of the gap before what follows.
+            self.metrics.count_redis_loss_detected();
+            log::error!(
+                "Redis at {} no longer holds entry {last_read}, the last this process read: it lost entries (restarted without its data, or trimmed past them); telling every open stream that its events may be incomplete",
+                self.settings.shown_url()
+            );
+            let notice = json!({"type": "replay_incomplete", "last_event_id": last_read});
+            self.streams
+                .send_to_all(&encoder::encode_data(&notice.to_string()));
+        }
         // First, so that an append whose reply was lost is found applied, not appended twice.
         while self.read_batch(&mut reader, last_read, false).await? > 0 {}
         lock(&self.outage).unsure.clear();
@@ -353,6 +365,27 @@ impl RedisRelay {
             self.settings.shown_url()
         );
         Ok(reader)
+    }
+
+    /// Whether the entry read last is gone from the stream, so that entries after it, which
+    /// this process never read, may be gone too: acknowledged events lost, not a quiet stream.
+    async fn lost_entries(
+        &self,
+        reader: &mut MultiplexedConnection,
+        last_read: &str,
+    ) -> Result<bool, RedisError> {
+        if last_read == "0-0" {
+            return Ok(false);
+        }
+        let reply: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&self.settings.stream_key)
+            .arg(last_read)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(reader)
+            .await?;
+        Ok(reply.ids.first().map(|entry| entry.id.as_str()) != Some(last_read))
     }
 
     /// `XADD`s one event; `publish` numbers it among this process's publishes, `local` marks an

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -22,6 +23,7 @@ use super::state::AppState;
 use crate::config::MAX_HEADER_BYTES;
 use crate::delivery::StreamIndex;
 use crate::log;
+use crate::sse::encoder::KEEPALIVE;
 
 /// How long to wait after a failed accept (usually EMFILE) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -215,7 +217,7 @@ async fn send_keepalives(streams: Weak<StreamIndex>, period: Duration) {
     loop {
         ticks.tick().await;
         match streams.upgrade() {
-            Some(streams) => streams.send_keepalives(),
+            Some(streams) => streams.send_to_all(&Bytes::from_static(KEEPALIVE)),
             None => return,
         }
     }
