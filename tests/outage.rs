@@ -747,9 +747,9 @@ async fn a_randomized_run_with_churn_and_restarts_loses_no_acknowledged_event() 
                 });
             }
             _ = churn_tick.tick() => {
-                for index in 0..clients.len() {
+                for client in &mut clients {
                     if rng.below(5) == 0 {
-                        clients[index].ended = true;
+                        client.ended = true;
                     }
                 }
             }
