@@ -465,13 +465,25 @@ impl RedisRelay {
                 // entry (and delivers it) or the entry is ours to deliver and keep.
                 let mut outage = lock(&self.outage);
                 let mut unsure = false;
-                if let Some(confirmation) = unanswered.take() {
-                    if !lock(&self.waiting).contains_key(&number) {
+                if let Some(mut confirmation) = unanswered.take() {
+                    // Gone from `waiting`: the reader claimed the entry (Redis has it), unless
+                    // an outage of the reader dropped every waiter, which says nothing.
+                    let claimed = match lock(&self.waiting).contains_key(&number) {
+                        true => None,
+                        false => match confirmation.try_recv() {
+                            Err(oneshot::error::TryRecvError::Closed) => None,
+                            other => Some(other.ok()),
+                        },
+                    };
+                    if let Some(handlers) = claimed {
                         drop(outage);
                         if let Some(row) = row {
                             self.forget_row(row).await;
                         }
-                        return self.confirm(&event_type, number, confirmation).await;
+                        return match handlers {
+                            Some(handlers) => Ok(handlers),
+                            None => Ok(confirmation.await.unwrap_or(0)),
+                        };
                     }
                     if outage.down {
                         // Not delivered here unless kept: if the entry turns up, the reader
