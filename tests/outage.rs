@@ -468,9 +468,10 @@ async fn a_stream_moving_during_an_outage_either_way_misses_nothing() {
     wait_until_recovered(a.addr).await;
     wait_until_recovered(c.addr).await;
     assert_eq!(publish(a.addr, 7).await, 202);
+    // Each client had only its own process's outage events: the other's it must get now.
     for (name, client, already) in [
-        ("c to a", &mut c_to_a, [1, 2, 3, 4]),
-        ("a to c", &mut a_to_c, [1, 2, 3, 4]),
+        ("c to a", &mut c_to_a, [2, 4]),
+        ("a to c", &mut a_to_c, [1, 3]),
     ] {
         let (seen, _, _) = read_until(client, 7).await;
         let had: BTreeSet<u64> = already.into_iter().collect();
@@ -478,9 +479,6 @@ async fn a_stream_moving_during_an_outage_either_way_misses_nothing() {
             .filter(|n| !seen.contains(n) && !had.contains(n))
             .collect();
         assert!(missing.is_empty(), "{name} missed {missing:?}: {seen:?}");
-        for n in [5, 6] {
-            assert!(seen.contains(&n), "{name} missed {n}: {seen:?}");
-        }
     }
 }
 
