@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::events::EventType;
@@ -24,6 +24,12 @@ pub struct Metrics {
     redis_reachable: AtomicBool,
     redis_outbox: AtomicU64,
     redis_outages: AtomicU64,
+    /// Whether a durable outbox keeps what is published during an outage (else it is refused).
+    redis_durable: AtomicBool,
+    redis_durable_outbox: AtomicI64,
+    redis_refused: AtomicU64,
+    redis_appended_on_recovery: AtomicU64,
+    redis_losses_detected: AtomicU64,
 }
 
 /// What happened to the events of one type.
@@ -79,6 +85,33 @@ impl Metrics {
             self.redis_outages.fetch_add(1, Ordering::Relaxed);
         }
         self.redis_outbox.store(outbox as u64, Ordering::Relaxed);
+    }
+
+    /// Records whether a durable outbox backs the Redis relay's.
+    pub fn set_redis_durable_outbox(&self, durable: bool) {
+        self.redis_durable.store(durable, Ordering::Relaxed);
+    }
+
+    /// Adds `change` (one row kept, or minus one removed) to the durable outbox's length.
+    pub fn change_redis_durable_outbox(&self, change: i64) {
+        self.redis_durable_outbox
+            .fetch_add(change, Ordering::Relaxed);
+    }
+
+    /// Adds one publish refused because Redis was unreachable and nothing durable could keep it.
+    pub fn count_redis_refused_publish(&self) {
+        self.redis_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `count` events appended to Redis after an outage (or by a restart) from an outbox.
+    pub fn count_redis_appended_on_recovery(&self, count: u64) {
+        self.redis_appended_on_recovery
+            .fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// Adds one recovery that found Redis had lost entries this process had not read.
+    pub fn count_redis_loss_detected(&self) {
+        self.redis_losses_detected.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether events cross processes through Redis and Redis is unreachable now.
@@ -175,18 +208,45 @@ impl Metrics {
                 "1 while Redis is reachable, 0 during an outage.",
                 usize::from(reachable),
             );
-            gauge(
-                &mut out,
-                "artifact_events_redis_outbox_events",
-                "Events published during an outage, waiting to be appended to Redis.",
-                outbox,
-            );
-            let name = "artifact_events_redis_outages_total";
+            let name = "artifact_events_redis_outbox_events";
+            let durable = self.redis_durable_outbox.load(Ordering::Relaxed).max(0);
             let _ = writeln!(
                 out,
-                "# HELP {name} Times Redis became unreachable.\n# TYPE {name} counter\n{name} {}",
-                self.redis_outages.load(Ordering::Relaxed)
+                "# HELP {name} Events acknowledged during an outage, waiting to be appended to Redis: queued in memory, and rows in the durable outbox.\n# TYPE {name} gauge\n{name}{{kind=\"memory\"}} {outbox}\n{name}{{kind=\"durable\"}} {durable}"
             );
+            let _ = writeln!(
+                out,
+                "# HELP artifact_events_redis_durable_outbox 1 when a durable outbox keeps what is published during an outage, 0 when such publishes are refused.\n# TYPE artifact_events_redis_durable_outbox gauge\nartifact_events_redis_durable_outbox {}",
+                u8::from(self.redis_durable.load(Ordering::Relaxed))
+            );
+            for (name, help, value) in [
+                (
+                    "artifact_events_redis_outages_total",
+                    "Times Redis became unreachable.",
+                    &self.redis_outages,
+                ),
+                (
+                    "artifact_events_redis_publishes_refused_total",
+                    "Publishes refused (503) because Redis was unreachable and no durable outbox could keep them.",
+                    &self.redis_refused,
+                ),
+                (
+                    "artifact_events_redis_appended_on_recovery_total",
+                    "Events appended to Redis from an outbox once it was back, or by a restarted process.",
+                    &self.redis_appended_on_recovery,
+                ),
+                (
+                    "artifact_events_redis_losses_detected_total",
+                    "Recoveries that found Redis had lost entries this process had not read; every open stream got replay_incomplete.",
+                    &self.redis_losses_detected,
+                ),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                    value.load(Ordering::Relaxed)
+                );
+            }
         }
         out
     }

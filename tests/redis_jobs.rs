@@ -536,27 +536,3 @@ async fn a_cancel_of_a_job_whose_process_died_is_announced_by_the_cancelling_pro
     let (_, job) = get_job(b.addr(), &token, &job_id).await;
     assert_eq!(job["status"], "cancelled");
 }
-
-#[test]
-fn redis_and_sqlite_together_are_refused_with_the_reason() {
-    let output = Command::new(common::BINARY)
-        .env("JWT_SECRET", common::SECRET)
-        .env("ADDR", "127.0.0.1:0")
-        .env("REDIS_URL", "redis://127.0.0.1:1")
-        .env("DATABASE_PATH", "/tmp/never-created.db")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(
-        output.status.code(),
-        Some(2),
-        "a configuration error: {stderr}"
-    );
-    if cfg!(feature = "sqlite") {
-        assert!(
-            stderr.contains("DATABASE_PATH and REDIS_URL are both set")
-                && stderr.contains("jobs live in Redis"),
-            "{stderr}"
-        );
-    }
-}

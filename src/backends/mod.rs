@@ -19,7 +19,7 @@ pub mod tls;
 #[cfg(feature = "redis")]
 pub use redis_jobs::RedisJobStore;
 #[cfg(feature = "redis")]
-pub use redis_relay::RedisRelay;
+pub use redis_relay::{DurableOutbox, RedisRelay};
 
 use std::fs::File;
 use std::sync::Arc;
@@ -67,15 +67,6 @@ pub fn check(config: &Config) -> Result<(), String> {
         return Err(
             "REDIS_URL is set, but this build has no Redis support: rebuild with \
              `cargo build --release --features redis`, or unset REDIS_URL"
-                .to_owned(),
-        );
-    }
-    if config.database_path.is_some() && config.redis.is_some() {
-        return Err(
-            "DATABASE_PATH and REDIS_URL are both set: with REDIS_URL, jobs live in Redis, shared \
-             by every process, and the event history is the Redis stream, so the SQLite file \
-             would hold nothing; unset DATABASE_PATH (or REDIS_URL, to keep jobs in this \
-             process's file)"
                 .to_owned(),
         );
     }
@@ -201,6 +192,7 @@ pub async fn open(
             bus.clone(),
             metrics.clone(),
             config.stream_settings(),
+            durable_outbox(config)?,
         )
         .await?;
         return Ok(Backends {
@@ -213,6 +205,25 @@ pub async fn open(
         bus_subscription: Some(backends.streams.attach(bus)),
         ..backends
     })
+}
+
+/// Where events published during a Redis outage are kept: a table in the SQLite file, if the
+/// server has one (already claimed by [`with_sqlite`]); without it, such publishes are refused.
+#[cfg(all(feature = "redis", feature = "sqlite"))]
+fn durable_outbox(config: &Config) -> Result<Option<Arc<dyn DurableOutbox>>, String> {
+    match &config.database_path {
+        Some(path) => {
+            let outbox = sqlite::SqliteOutbox::open(path).map_err(|error| error.to_string())?;
+            Ok(Some(Arc::new(outbox)))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Without SQLite there is no durable outbox: publishes during a Redis outage are refused.
+#[cfg(all(feature = "redis", not(feature = "sqlite")))]
+fn durable_outbox(_config: &Config) -> Result<Option<Arc<dyn DurableOutbox>>, String> {
+    Ok(None)
 }
 
 /// `backends` with the SQLite file at `path` in place of the memory job store and, unless
@@ -235,7 +246,12 @@ fn with_sqlite(
             StreamIndex::with_history(settings, metrics.clone(), history, Some(Box::new(writer)))
         }
         None => {
-            crate::log::info!("jobs are kept in {}", path.display());
+            // With Redis, jobs live there too: the file keeps the durable outbox of events
+            // acknowledged during an outage, and the webhooks.
+            crate::log::info!(
+                "the durable outbox and webhooks are kept in {}",
+                path.display()
+            );
             backends.streams
         }
     };
@@ -253,7 +269,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn jobs_live_in_redis_or_in_sqlite_never_both_at_once() {
+    fn redis_and_sqlite_together_are_accepted_with_both_features() {
         let mut config = Config::with_secret("s");
         config.database_path = Some("/var/lib/artifact-events.db".into());
         config.redis = Some(crate::config::RedisSettings {
@@ -262,14 +278,10 @@ mod tests {
             max_len: 10,
             outbox_capacity: 10,
         });
-        let error = check(&config).unwrap_err();
-        if cfg!(all(feature = "sqlite", feature = "redis")) {
-            assert!(
-                error.contains("DATABASE_PATH and REDIS_URL are both set"),
-                "{error}"
-            );
-            assert!(error.contains("jobs live in Redis"), "{error}");
-        }
+        assert_eq!(
+            check(&config).is_ok(),
+            cfg!(all(feature = "sqlite", feature = "redis"))
+        );
     }
 
     #[test]

@@ -5,13 +5,16 @@
 //! # Outages
 //!
 //! An outage starts when a read or an append fails, and only `RedisRelay::recover` ends it.
-//! During an outage, a publish is delivered here at once, under an outage id (see
-//! `outage_id`: the process's random tag in the high bits of `seq`, so no other process
-//! issues it, and a client that takes it elsewhere is told its replay is incomplete), and kept
-//! in a bounded outbox. Recovery first reads what Redis holds (an append whose reply was lost
-//! is found there and replaces its outbox copy), then appends the outbox with `local=1`, which
-//! the origin skips when it reads the entries back. A publish that finds the outbox full is
-//! still delivered here but reported as an error, since the other processes will never see it.
+//! A publish is acknowledged (`Ok`) only once it cannot be lost: Redis took it, or the durable
+//! outbox (a [`DurableOutbox`], the SQLite file's) holds it, fsynced. Without a durable outbox,
+//! or with the outbox full, a publish during an outage is refused (`Err`, a `503` over HTTP)
+//! and delivered nowhere. A kept publish is delivered here at once, under an outage id (see
+//! `outage_id`: a hybrid logical clock, the process's tag as its lowest-order part), and queued
+//! in memory beside its durable row. Recovery first reads what Redis holds (an append whose
+//! reply was lost is found there and replaces its outbox copy), then appends the outbox with
+//! `local=1`, which the origin skips when it reads the entries back, removing each row once
+//! Redis has it. A process that finds rows at start (it died during an outage) appends them
+//! before it loads its history or serves anyone.
 //!
 //! A publisher whose append went unanswered and the reader that may find that entry decide
 //! under the outage lock which of them delivers it, so it is delivered once everywhere.
@@ -31,7 +34,7 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use redis::{AsyncConnectionConfig, Client, RedisError};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use crate::config::RedisSettings;
@@ -40,6 +43,7 @@ use crate::events::{BoxFuture, EventBus, EventType, PublishError, PublishResult,
 use crate::log;
 use crate::metrics::Metrics;
 use crate::panic::lock;
+use crate::sse::encoder;
 
 /// How long one `XREAD` blocks before asking again; also how soon a silent outage is noticed.
 const READ_BLOCK: Duration = Duration::from_millis(1000);
@@ -51,6 +55,18 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 const PUBLISH_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Reconnection backoff after an outage: from the first delay, doubling up to the last.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+/// Where events acknowledged during an outage are kept until Redis has them, so that a crash
+/// meanwhile loses none (the SQLite backend implements it). Calls do blocking I/O: the relay
+/// makes them off the async threads.
+pub trait DurableOutbox: Send + Sync + 'static {
+    /// Stores an event, on disk (fsynced) before it returns; returns its row.
+    fn keep(&self, event_type: &str, data: &str) -> Result<i64, String>;
+    /// Forgets a row whose event Redis now holds.
+    fn remove(&self, row: i64) -> Result<(), String>;
+    /// Every stored event (row, type, data), oldest first.
+    fn pending(&self) -> Result<Vec<(i64, String, String)>, String>;
+}
 
 tokio::task_local! {
     /// Marks a task running this process's handlers for an entry read from the stream.
@@ -64,8 +80,10 @@ pub struct RedisRelay {
     /// Marks this process's entries, so it can match them to waiting publishers and skip the
     /// ones it already delivered during an outage.
     origin: String,
-    /// Marks the ids this process gives out during an outage, which no other process has.
+    /// Breaks ties between the outage ids of processes (the lowest-order part of `seq`).
     outage_tag: u32,
+    /// Where events published during an outage are kept; without one, they are refused.
+    durable: Option<Arc<dyn DurableOutbox>>,
     bus: Arc<EventBus>,
     streams: Arc<StreamIndex>,
     metrics: Arc<Metrics>,
@@ -95,17 +113,31 @@ struct Pending {
     publish: u64,
     event_type: EventType,
     data: String,
+    /// Its row in the durable outbox.
+    row: i64,
+}
+
+/// What a publish that could not append does, decided under the outage lock.
+enum Fallback {
+    /// Redis is back: append after all.
+    Retry,
+    /// Kept in the outbox: deliver here.
+    Deliver,
+    /// Neither Redis nor a durable outbox holds it; says whether the append went unanswered.
+    Refuse(bool),
 }
 
 impl RedisRelay {
     /// Connects to Redis, loads the stream's recent events into a new stream index's replay
     /// history, makes `bus` publish through Redis, and starts reading; returns the index, which
-    /// the relay feeds (it is not subscribed to the bus). Fails if Redis is unreachable.
+    /// the relay feeds (it is not subscribed to the bus). Events left in `durable` by an earlier
+    /// process are appended first. Fails if Redis is unreachable.
     pub async fn start(
         settings: RedisSettings,
         bus: Arc<EventBus>,
         metrics: Arc<Metrics>,
         stream_settings: StreamSettings,
+        durable: Option<Arc<dyn DurableOutbox>>,
     ) -> Result<Arc<StreamIndex>, String> {
         let client = client(&settings)?;
         let unreachable = |error: RedisError| {
@@ -117,15 +149,22 @@ impl RedisRelay {
         let reader = connect(&client, COMMAND_TIMEOUT + READ_BLOCK)
             .await
             .map_err(unreachable)?;
+        let origin = crate::random::hex_token(8);
+        if let Some(durable) = &durable {
+            append_left_over(&mut writer, &settings, &origin, durable.clone(), &metrics)
+                .await
+                .map_err(|error| format!("cannot append the durable outbox: {error}"))?;
+        }
         let (history, last_read) = load_history(&mut writer, &settings, stream_settings.history)
             .await
             .map_err(unreachable)?;
         let streams = StreamIndex::with_history(stream_settings, metrics.clone(), history, None);
         let relay = Arc::new(RedisRelay {
             client,
-            origin: crate::random::hex_token(8),
+            origin,
             outage_tag: u32::from_str_radix(&crate::random::hex_token(4), 16)
                 .expect("hex_token gives hex digits"),
+            durable,
             bus: bus.clone(),
             streams: streams.clone(),
             metrics,
@@ -136,6 +175,9 @@ impl RedisRelay {
             settings,
         });
         relay.metrics.set_redis_state(true, 0);
+        relay
+            .metrics
+            .set_redis_durable_outbox(relay.durable.is_some());
         if !bus.set_relay(relay.clone()) {
             return Err("the event bus already has a relay".to_owned());
         }
@@ -273,6 +315,17 @@ impl RedisRelay {
     async fn recover(&self, last_read: &mut String) -> Result<MultiplexedConnection, RedisError> {
         let mut writer = connect(&self.client, COMMAND_TIMEOUT).await?;
         let mut reader = connect(&self.client, COMMAND_TIMEOUT + READ_BLOCK).await?;
+        if self.lost_entries(&mut reader, last_read).await? {
+            // Before what is read now, so that the streams hear of the gap before what follows.
+            self.metrics.count_redis_loss_detected();
+            log::error!(
+                "Redis at {} no longer holds entry {last_read}, the last this process read: it lost entries (restarted without its data, or trimmed past them); telling every open stream that its events may be incomplete",
+                self.settings.shown_url()
+            );
+            let notice = json!({"type": "replay_incomplete", "last_event_id": last_read});
+            self.streams
+                .send_to_all(&encoder::encode_data(&notice.to_string()));
+        }
         // First, so that an append whose reply was lost is found applied, not appended twice.
         while self.read_batch(&mut reader, last_read, false).await? > 0 {}
         lock(&self.outage).unsure.clear();
@@ -298,10 +351,12 @@ impl RedisRelay {
                 true,
             )
             .await?;
+            self.forget_row(next.row).await;
             let mut outage = lock(&self.outage);
             outage.outbox.pop_front();
             self.metrics.set_redis_state(false, outage.outbox.len());
             drop(outage);
+            self.metrics.count_redis_appended_on_recovery(1);
             flushed += 1;
         }
         log::info!(
@@ -309,6 +364,27 @@ impl RedisRelay {
             self.settings.shown_url()
         );
         Ok(reader)
+    }
+
+    /// Whether the entry read last is gone from the stream, so that entries after it, which
+    /// this process never read, may be gone too: acknowledged events lost, not a quiet stream.
+    async fn lost_entries(
+        &self,
+        reader: &mut MultiplexedConnection,
+        last_read: &str,
+    ) -> Result<bool, RedisError> {
+        if last_read == "0-0" {
+            return Ok(false);
+        }
+        let reply: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&self.settings.stream_key)
+            .arg(last_read)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(reader)
+            .await?;
+        Ok(reply.ids.first().map(|entry| entry.id.as_str()) != Some(last_read))
     }
 
     /// `XADD`s one event; `publish` numbers it among this process's publishes, `local` marks an
@@ -365,41 +441,92 @@ impl RedisRelay {
                     }
                 }
             }
-            let kept = {
+            // Kept on disk before the decision, which may then find it was not needed.
+            let row = match &self.durable {
+                Some(durable) => {
+                    let (durable, kind, text) = (durable.clone(), event_type.clone(), data.clone());
+                    let kept = blocking(move || durable.keep(kind.as_str(), &text)).await;
+                    match kept {
+                        Ok(row) => {
+                            self.metrics.change_redis_durable_outbox(1);
+                            Some(row)
+                        }
+                        Err(error) => {
+                            log::error!("cannot keep {event_type} in the durable outbox: {error}");
+                            None
+                        }
+                    }
+                }
+                None => None,
+            };
+            let fallback = {
                 // Decided under the outage lock, as the reader decides: either it claimed the
                 // entry (and delivers it) or the entry is ours to deliver and keep.
                 let mut outage = lock(&self.outage);
-                if let Some(confirmation) = unanswered.take() {
-                    if !lock(&self.waiting).contains_key(&number) {
+                let mut unsure = false;
+                if let Some(mut confirmation) = unanswered.take() {
+                    // Gone from `waiting`: the reader claimed the entry (Redis has it), unless
+                    // an outage of the reader dropped every waiter, which says nothing.
+                    let claimed = match lock(&self.waiting).contains_key(&number) {
+                        true => None,
+                        false => match confirmation.try_recv() {
+                            Err(oneshot::error::TryRecvError::Closed) => None,
+                            other => Some(other.ok()),
+                        },
+                    };
+                    if let Some(handlers) = claimed {
                         drop(outage);
-                        return self.confirm(&event_type, number, confirmation).await;
+                        if let Some(row) = row {
+                            self.forget_row(row).await;
+                        }
+                        return match handlers {
+                            Some(handlers) => Ok(handlers),
+                            None => Ok(confirmation.await.unwrap_or(0)),
+                        };
                     }
                     if outage.down {
+                        // Not delivered here unless kept: if the entry turns up, the reader
+                        // delivers it as anyone's (refused) or skips it as ours (kept).
                         lock(&self.waiting).remove(&number);
-                        outage.unsure.insert(number);
+                        unsure = true;
+                        if row.is_some() {
+                            outage.unsure.insert(number);
+                        }
                     }
                 }
-                if !outage.down {
+                match row {
                     // Recovered since the writer was read: the outbox is already flushed, so
                     // an event put there now would wait for the next outage.
-                    continue;
+                    _ if !outage.down => Fallback::Retry,
+                    Some(row) if outage.outbox.len() < self.settings.outbox_capacity => {
+                        outage.outbox.push_back(Pending {
+                            publish: number,
+                            event_type: event_type.clone(),
+                            data: data.clone(),
+                            row,
+                        });
+                        self.metrics.set_redis_state(false, outage.outbox.len());
+                        Fallback::Deliver
+                    }
+                    _ => {
+                        outage.unsure.remove(&number);
+                        Fallback::Refuse(unsure)
+                    }
                 }
-                let room = outage.outbox.len() < self.settings.outbox_capacity;
-                if room {
-                    outage.outbox.push_back(Pending {
-                        publish: number,
-                        event_type: event_type.clone(),
-                        data: data.clone(),
-                    });
-                    self.metrics.set_redis_state(false, outage.outbox.len());
-                }
-                room
             };
-            return self.deliver_here(event_type, event_data, kept).await;
+            if let (Fallback::Retry | Fallback::Refuse(_), Some(row)) = (&fallback, row) {
+                self.forget_row(row).await;
+            }
+            return match fallback {
+                Fallback::Retry => continue,
+                Fallback::Deliver => Ok(self.deliver_here(event_type, event_data).await),
+                Fallback::Refuse(unanswered) => Err(self.refuse(&event_type, unanswered)),
+            };
         }
     }
 
-    /// Waits until this process has read publish `number` back and run its handlers.
+    /// Waits until this process has read publish `number` back and run its handlers; `Ok(0)`
+    /// if that does not happen in time, since Redis has the event all the same.
     async fn confirm(
         &self,
         event_type: &EventType,
@@ -418,30 +545,51 @@ impl RedisRelay {
             Err(_) => format!("it was not read back within {PUBLISH_CONFIRM_TIMEOUT:?}"),
         };
         lock(&self.waiting).remove(&number);
-        Err(PublishError(format!(
-            "{event_type} was appended to Redis, but {unconfirmed}; it is delivered everywhere if Redis kept it"
-        )))
+        // Redis holds it, so it cannot be lost here: acknowledged, as every process (this one
+        // too, once its reader gets there) delivers it from the stream.
+        log::warning!(
+            "{event_type} was appended to Redis, but {unconfirmed}; every process delivers it from the stream"
+        );
+        Ok(0)
     }
 
-    /// Delivers an event published during an outage here at once; `kept` says whether the
-    /// outbox took it for the other processes.
-    async fn deliver_here(
-        &self,
-        event_type: EventType,
-        event_data: Value,
-        kept: bool,
-    ) -> PublishResult {
+    /// Delivers an event kept during an outage here at once; returns how many handlers ran.
+    async fn deliver_here(&self, event_type: EventType, event_data: Value) -> usize {
         let tag = self.outage_tag;
+        let now = crate::time::unix_millis();
         self.streams
-            .deliver_numbered(&event_type, &event_data, |last| Some(outage_id(last, tag)));
-        let handlers = self.bus.dispatch(&event_type, Arc::new(event_data)).await;
-        if kept {
-            Ok(handlers)
-        } else {
-            Err(PublishError(format!(
-                "Redis is unreachable and the outbox is full ({} events): {event_type} was delivered on this process only",
+            .deliver_numbered(&event_type, &event_data, |last| {
+                Some(outage_id(last, now, tag))
+            });
+        self.bus.dispatch(&event_type, Arc::new(event_data)).await
+    }
+
+    /// Counts and explains a publish refused during an outage; `unanswered` says Redis may
+    /// have taken it all the same (its reply was lost).
+    fn refuse(&self, event_type: &EventType, unanswered: bool) -> PublishError {
+        self.metrics.count_redis_refused_publish();
+        let why = match (&self.durable, unanswered) {
+            (_, true) => "Redis did not answer whether it took the event: if it did, every process delivers it once Redis is back, else it is delivered nowhere".to_owned(),
+            (Some(_), false) => format!(
+                "Redis is unreachable and the outbox is full or failed ({} events): the event is delivered nowhere",
                 self.settings.outbox_capacity
-            )))
+            ),
+            (None, false) => "Redis is unreachable and this server keeps no durable outbox (DATABASE_PATH): the event is delivered nowhere".to_owned(),
+        };
+        PublishError(format!(
+            "{event_type} was not published: {why}; publish it again later"
+        ))
+    }
+
+    /// Removes a durable outbox row whose event Redis now holds (or that was not needed).
+    async fn forget_row(&self, row: i64) {
+        let Some(durable) = self.durable.clone() else {
+            return;
+        };
+        match blocking(move || durable.remove(row)).await {
+            Ok(()) => self.metrics.change_redis_durable_outbox(-1),
+            // The event stays on disk: a restart appends it again, a duplicate, never a loss.
+            Err(error) => log::error!("cannot remove row {row} from the durable outbox: {error}"),
         }
     }
 }
@@ -480,6 +628,55 @@ fn just_before(id: EventId) -> EventId {
 pub(super) fn client(settings: &RedisSettings) -> Result<Client, String> {
     Client::open(settings.url.as_str())
         .map_err(|error| format!("REDIS_URL {}: {error}", settings.shown_url()))
+}
+
+/// Appends what an earlier process of this database left in the durable outbox (it died during
+/// an outage), oldest first, removing each row once Redis has it.
+async fn append_left_over(
+    writer: &mut MultiplexedConnection,
+    settings: &RedisSettings,
+    origin: &str,
+    durable: Arc<dyn DurableOutbox>,
+    metrics: &Metrics,
+) -> Result<(), String> {
+    let reader = durable.clone();
+    let rows = blocking(move || reader.pending()).await?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let count = rows.len();
+    for (row, event_type, data) in rows {
+        // Not `local`: the process that delivered it is gone, so every process delivers it.
+        let _: String = redis::cmd("XADD")
+            .arg(&settings.stream_key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(settings.max_len)
+            .arg("*")
+            .arg("type")
+            .arg(&event_type)
+            .arg("data")
+            .arg(&data)
+            .arg("origin")
+            .arg(origin)
+            .query_async(writer)
+            .await
+            .map_err(|error| error.to_string())?;
+        let remover = durable.clone();
+        blocking(move || remover.remove(row)).await?;
+        metrics.count_redis_appended_on_recovery(1);
+    }
+    log::info!("appended the {count} events an earlier process left in the durable outbox");
+    Ok(())
+}
+
+/// Runs blocking I/O (the durable outbox's) off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|error| Err(format!("the outbox task failed: {error}")))
 }
 
 /// Connects with `response_timeout` for each command (the reader's covers its blocking read).
@@ -541,28 +738,33 @@ async fn load_history(
     Ok((history, newest))
 }
 
-/// The top bit of an outage id's `seq`; below it, the 31-bit process tag, then a counter.
+/// The top bit of an outage id's `seq`, so that it follows every Redis id of its millisecond.
 const OUTAGE_SEQ: u64 = 1 << 63;
-/// The counter bits of an outage id's `seq`.
-const OUTAGE_COUNTER: u64 = 0xffff_ffff;
+/// Bits of the process tag, the lowest-order part of an outage id's `seq`; the counter is above.
+const TAG_BITS: u32 = 31;
+/// The largest counter an outage id's `seq` holds.
+const MAX_COUNTER: u64 = (1 << (63 - TAG_BITS)) - 1;
 
-/// The id this process gives an event published during an outage, after `last`: in the same
-/// millisecond, the process's tag with a counter; past the end of the counter, the next
-/// millisecond, so an outage id never leaves the process's range.
-fn outage_id(last: EventId, tag: u32) -> EventId {
-    let base = OUTAGE_SEQ | (u64::from(tag & !(1 << 31)) << 32);
-    let counting = last.seq & !OUTAGE_COUNTER == base && last.seq & OUTAGE_COUNTER < OUTAGE_COUNTER;
-    let this_ms = EventId {
-        epoch: last.epoch,
-        seq: if counting { last.seq + 1 } else { base },
+/// The id this process gives an event kept during an outage, after `last`: a hybrid logical
+/// clock. The wall-clock ms `now` if it is past `last`, else `last`'s ms with a counter one
+/// past `last`'s; the tag breaks ties between processes. So every process orders outage ids
+/// the same way (by time, then counter, then process), whoever compares them.
+fn outage_id(last: EventId, now: u64, tag: u32) -> EventId {
+    let tag = u64::from(tag) & ((1 << TAG_BITS) - 1);
+    let at = |epoch, counter: u64| EventId {
+        epoch,
+        seq: OUTAGE_SEQ | counter << TAG_BITS | tag,
     };
-    if this_ms > last {
-        this_ms
-    } else {
-        EventId {
-            epoch: last.epoch + 1,
-            seq: base,
-        }
+    if now > last.epoch {
+        return at(now, 0);
+    }
+    let counter = match last.seq & OUTAGE_SEQ {
+        0 => 0,
+        _ => ((last.seq & !OUTAGE_SEQ) >> TAG_BITS) + 1,
+    };
+    match at(last.epoch, counter) {
+        id if counter <= MAX_COUNTER && id > last => id,
+        _ => at(last.epoch + 1, 0),
     }
 }
 
@@ -571,31 +773,52 @@ mod tests {
     use super::*;
 
     #[test]
-    fn outage_ids_carry_the_process_tag_and_count_on_until_the_counter_runs_out() {
+    fn outage_ids_follow_the_clock_then_a_counter_with_the_tag_lowest() {
         let shared = EventId {
             epoch: 1_700_000_000_005,
             seq: 3,
         };
-        let first = outage_id(shared, 7);
-        assert_eq!(first.epoch, shared.epoch);
-        assert_eq!(first.seq, OUTAGE_SEQ | 7 << 32);
-        let second = outage_id(first, 7);
-        assert_eq!(second.seq, first.seq + 1);
+        let later = outage_id(shared, shared.epoch + 10, 7);
+        assert_eq!(
+            later,
+            EventId {
+                epoch: shared.epoch + 10,
+                seq: OUTAGE_SEQ | 7
+            }
+        );
+        let same_ms = outage_id(shared, shared.epoch, 7);
+        assert_eq!(
+            same_ms,
+            EventId {
+                epoch: shared.epoch,
+                seq: OUTAGE_SEQ | 7
+            }
+        );
+        assert!(same_ms > shared, "after every Redis id of its millisecond");
+        let next = outage_id(same_ms, shared.epoch - 1, 7);
+        assert_eq!(
+            next.seq,
+            OUTAGE_SEQ | 1 << TAG_BITS | 7,
+            "a clock behind counts on"
+        );
+
+        // Another process's ids of the same millisecond and counter sort by tag alone, and a
+        // later counter or millisecond sorts after, whatever the tags: one order everywhere.
+        let other = outage_id(shared, shared.epoch, (1 << TAG_BITS) - 1);
+        assert!(other > same_ms && other < next);
+        assert!(outage_id(shared, shared.epoch + 1, 0) > next);
 
         let exhausted = EventId {
-            seq: OUTAGE_SEQ | 7 << 32 | OUTAGE_COUNTER,
-            ..first
+            epoch: shared.epoch,
+            seq: OUTAGE_SEQ | MAX_COUNTER << TAG_BITS | 7,
         };
         assert_eq!(
-            outage_id(exhausted, 7),
+            outage_id(exhausted, shared.epoch, 7),
             EventId {
-                epoch: exhausted.epoch + 1,
-                seq: OUTAGE_SEQ | 7 << 32
+                epoch: shared.epoch + 1,
+                seq: OUTAGE_SEQ | 7
             },
-            "the next millisecond, not a count carried into the tag bits"
+            "the next millisecond, not a count carried into the marker bit"
         );
-        let other_process = outage_id(second, 9);
-        assert!(other_process > second, "ids only increase");
-        assert_eq!(other_process.seq, OUTAGE_SEQ | 9 << 32);
     }
 }

@@ -263,20 +263,19 @@ impl History {
         self.evict(now);
     }
 
-    /// The user's events after `last_event_id`, and whether that is everything after it.
+    /// The user's events after `last_event_id`, and whether that is everything after it. An
+    /// id this history cannot place exactly (not one this user was sent here: another
+    /// process's outage id, an id from before a renumbering, or a later one) gets every event
+    /// retained for the user: positioning by comparison could skip events the client never
+    /// saw, and a duplicate can be dropped by the client where a miss cannot be undone.
     pub fn since(&mut self, user: &str, last_event_id: &str, now: Instant) -> Replay {
         self.evict(now);
         let Some(last) = EventId::parse(last_event_id) else {
             return Replay::default();
         };
-        if last > self.last_id {
-            return Replay::default();
-        }
         let lost_in_a_crash = self
             .stored_through
             .is_some_and(|stored| last > stored && last.epoch < self.epoch);
-        // The id must be one this user was sent: an id this history never gave them (numbered
-        // by another process during a Redis outage, say) cannot say where they stopped.
         let Some(history) = self.users.get(user) else {
             return Replay {
                 complete: last == self.forgotten_through && !lost_in_a_crash,
@@ -284,13 +283,21 @@ impl History {
             };
         };
         let first_missed = history.events.partition_point(|event| event.id <= last);
-        let theirs = last == history.evicted_through
-            || first_missed
-                .checked_sub(1)
-                .is_some_and(|index| history.events[index].id == last);
+        let theirs = last <= self.last_id
+            && (last == history.evicted_through
+                || first_missed
+                    .checked_sub(1)
+                    .is_some_and(|index| history.events[index].id == last));
+        // An id the previous process of this history issued but never stored is still in this
+        // history's order: what follows it is what the client missed.
+        let placed = theirs || lost_in_a_crash;
         Replay {
             complete: theirs && !lost_in_a_crash,
-            events: history.events.range(first_missed..).cloned().collect(),
+            events: history
+                .events
+                .range(if placed { first_missed } else { 0 }..)
+                .cloned()
+                .collect(),
         }
     }
 
@@ -450,10 +457,12 @@ mod tests {
         let replay = history.since("alice", &format!("{}-1", EPOCH - 1), now);
         assert!(!replay.complete);
         assert_eq!(seqs(&replay), [only.seq]);
-        for id in [format!("{EPOCH}-2"), "garbage".to_owned()] {
-            let replay = history.since("alice", &id, now);
-            assert!(!replay.complete && replay.events.is_empty(), "{id}");
-        }
+        // A later id (another process's, say) cannot be placed: everything alice has.
+        let replay = history.since("alice", &format!("{EPOCH}-2"), now);
+        assert!(!replay.complete);
+        assert_eq!(seqs(&replay), [only.seq]);
+        let replay = history.since("alice", "garbage", now);
+        assert!(!replay.complete && replay.events.is_empty());
     }
 
     #[test]
@@ -489,11 +498,11 @@ mod tests {
         assert!(replay.complete);
         assert_eq!(replay.events.len(), 1);
         assert_eq!(replay.events[0].id, second);
-        // An id between them that alice was never sent places her replay but cannot vouch
-        // for it.
+        // An id between them that alice was never sent cannot say where she stopped (it may
+        // be another process's outage id, or from before a renumbering): all she has, again.
         let replay = history.since("alice", &format!("{}-7", EPOCH + 5), now);
         assert!(!replay.complete);
-        assert_eq!(replay.events.len(), 1);
+        assert_eq!(replay.events.len(), 2);
     }
 
     #[test]

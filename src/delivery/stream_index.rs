@@ -17,7 +17,7 @@ use crate::events::{EventBus, EventType, Handler};
 use crate::log;
 use crate::metrics::Metrics;
 use crate::panic::lock;
-use crate::sse::encoder::{self, Event, KEEPALIVE};
+use crate::sse::encoder::{self, Event};
 
 /// How streams behave; built from the server's configuration.
 #[derive(Clone, Copy, Debug)]
@@ -240,13 +240,13 @@ impl StreamIndex {
         delivered as usize
     }
 
-    /// Queues a keepalive comment on every open stream; streams whose queue is full are
-    /// disconnected as slow. One pass every keepalive interval keeps a timer per stream away.
-    pub fn send_keepalives(&self) {
-        let keepalive = Bytes::from_static(KEEPALIVE);
+    /// Queues `frame` on every open stream (the keepalive comment, or a relay's notice that
+    /// events were lost); streams whose queue is full are disconnected as slow. One pass every
+    /// keepalive interval keeps a timer per stream away.
+    pub fn send_to_all(&self, frame: &Bytes) {
         let mut state = lock(&self.state);
         state.by_user.retain(|user_id, streams| {
-            streams.retain(|stream| match stream.frames.push(keepalive.clone()) {
+            streams.retain(|stream| match stream.frames.push(frame.clone()) {
                 Ok(()) => true,
                 Err(QueueFull) => {
                     self.disconnect_slow(user_id, stream);

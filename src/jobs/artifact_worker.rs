@@ -24,6 +24,11 @@ const FIRST_STORE_RETRY: Duration = Duration::from_millis(50);
 /// reach; the outcome is kept until it is stored.
 const STORE_RETRY_MAX: Duration = Duration::from_secs(2);
 
+/// Pause before publishing a job's final event again after the bus refused it (Redis
+/// unreachable): from the first delay, doubling up to the last.
+const REPUBLISH_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(200), Duration::from_secs(5));
+
 /// How the worker runs jobs.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -508,14 +513,50 @@ impl ArtifactWorker {
         }
     }
 
+    /// Publishes a job's event. A final one (completed, failed, cancelled) that the bus
+    /// refuses (Redis unreachable, no durable outbox) is published again, in a task of its
+    /// own, until it is taken: its status is stored, so the event is never dropped. A started
+    /// or progress event is not: the next event of the job supersedes it.
     async fn publish(&self, event_type: EventType, data: Value) {
         let job_id = data["job_id"].as_str().unwrap_or_default().to_owned();
-        self.bus.publish(&event_type, data).await;
-        log::info!("job {job_id}: published {event_type}");
+        let final_event = [
+            EventType::COMPLETED,
+            EventType::FAILED,
+            EventType::CANCELLED,
+        ]
+        .contains(&event_type);
+        let retained = final_event.then(|| data.clone());
+        match (self.bus.try_publish(&event_type, data).await, retained) {
+            (Ok(_), _) => log::info!("job {job_id}: published {event_type}"),
+            (Err(error), None) => {
+                log::warning!("job {job_id}: {event_type} not published: {error}");
+            }
+            (Err(error), Some(data)) => {
+                log::warning!("job {job_id}: {error}; publishing it again until it is taken");
+                tokio::spawn(publish_until_taken(self.bus.clone(), event_type, data));
+            }
+        }
     }
 
     fn lock_running(&self) -> MutexGuard<'_, HashMap<String, Arc<Cancellation>>> {
         crate::panic::lock(&self.running)
+    }
+}
+
+/// Publishes `data` again, with backoff, until the bus takes it.
+async fn publish_until_taken(bus: Arc<EventBus>, event_type: EventType, data: Value) {
+    let job_id = data["job_id"].as_str().unwrap_or_default().to_owned();
+    let mut backoff = REPUBLISH_BACKOFF.0;
+    loop {
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(REPUBLISH_BACKOFF.1);
+        match bus.try_publish(&event_type, data.clone()).await {
+            Ok(_) => {
+                log::info!("job {job_id}: published {event_type} at last");
+                return;
+            }
+            Err(error) => log::debug!("job {job_id}: still not published: {error}"),
+        }
     }
 }
 

@@ -37,6 +37,7 @@ use crate::delivery::StreamIndex;
 use crate::events::BoxFuture;
 use crate::http_client::Connection;
 use crate::log;
+use crate::sse::encoder::KEEPALIVE;
 
 /// How long to wait after a failed accept (usually EMFILE) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -434,7 +435,7 @@ async fn send_keepalives(streams: Weak<StreamIndex>, period: Duration) {
     loop {
         ticks.tick().await;
         match streams.upgrade() {
-            Some(streams) => streams.send_keepalives(),
+            Some(streams) => streams.send_to_all(&Bytes::from_static(KEEPALIVE)),
             None => return,
         }
     }

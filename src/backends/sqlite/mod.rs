@@ -4,10 +4,14 @@
 
 mod history;
 mod job_store;
+#[cfg(feature = "redis")]
+mod outbox;
 mod webhook_store;
 
 pub use history::{open as open_history, HistoryWriter, WRITER_QUEUE_CAPACITY};
 pub use job_store::SqliteJobStore;
+#[cfg(feature = "redis")]
+pub use outbox::SqliteOutbox;
 pub use webhook_store::SqliteWebhookStore;
 
 use std::fmt;
@@ -92,6 +96,12 @@ const MIGRATIONS: &[&str] = &[
         duration_ms INTEGER NOT NULL
     );
     CREATE INDEX webhook_attempts_by_webhook ON webhook_attempts (webhook_id, seq);",
+    // 4: events acknowledged during a Redis outage and not yet appended to Redis (issue 19).
+    "CREATE TABLE redis_outbox (
+        row INTEGER PRIMARY KEY,
+        event_type TEXT NOT NULL,
+        data TEXT NOT NULL
+    );",
 ];
 
 /// The schema version this build writes.
