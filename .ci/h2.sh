@@ -23,7 +23,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-export JWT_SECRET="h2-check-$$"
+export JWT_SECRET="h2-check-$$-0123456789abcdef0123456789"
 user_token=$("$binary" token h2-user)
 publisher_token=$("$binary" token publisher --publisher)
 

@@ -17,7 +17,7 @@ import { startServer, token } from "./server.mjs";
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const PATIENCE_MS = 20_000;
 const TABS = 10;
-const SECRET = "https-browser-test-secret";
+const SECRET = "https-browser-test-secret-0123456789abcdef";
 
 let dir;
 let browser;
