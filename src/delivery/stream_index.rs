@@ -204,7 +204,7 @@ impl StreamIndex {
             self.metrics.count_publish(event_type, 0, 0);
             return 0;
         };
-        let data = event_data.to_string();
+        let data = serde_json::to_string(event_data).expect("a JSON value always serializes");
         let (mut delivered, mut dropped) = (0, 0);
         {
             let mut state = lock(&self.state);

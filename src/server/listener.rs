@@ -196,7 +196,14 @@ impl Listener {
     async fn accept(&mut self) -> (TcpStream, SocketAddr) {
         loop {
             match self.listener.accept().await {
-                Ok(accepted) => return accepted,
+                Ok((socket, peer)) => {
+                    // Each event is one small write; Nagle's algorithm would hold it back until
+                    // the previous one is acknowledged, which is latency and nothing gained.
+                    if let Err(error) = socket.set_nodelay(true) {
+                        log::debug!("TCP_NODELAY on the connection from {peer}: {error}");
+                    }
+                    return (socket, peer);
+                }
                 Err(error) => {
                     log::warning!("accept failed: {error}");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;

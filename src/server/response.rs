@@ -66,19 +66,25 @@ impl Body for ExpiringStream {
         if *this.expired {
             return Poll::Ready(None);
         }
-        if this.expiry.poll(cx).is_ready() {
+        // The timer is looked at only when the queue is empty: hyper polls until it gets
+        // `Pending` before it writes, so a stream still sees its expiry within one write, and
+        // a frame costs no timer poll.
+        let frame = Pin::new(this.stream).poll_frame(cx);
+        if frame.is_pending() && this.expiry.poll(cx).is_ready() {
             *this.expired = true;
             return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
                 TOKEN_EXPIRED_FRAME,
             )))));
         }
-        Pin::new(this.stream).poll_frame(cx)
+        frame
     }
 }
 
 /// A JSON response with `status` and `body`.
-pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ResponseBody> {
-    let mut response = full_response(Bytes::from(body.to_string()));
+pub fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response<ResponseBody> {
+    // `to_vec` rather than `Display`, which goes through `fmt` for every token.
+    let json = serde_json::to_vec(body).expect("a JSON value or plain struct always serializes");
+    let mut response = full_response(Bytes::from(json));
     *response.status_mut() = status;
     response
         .headers_mut()

@@ -45,7 +45,9 @@ pub const KEEPALIVE: &[u8] = b": keepalive\n\n";
 
 /// Encodes `event` as one frame (fields, then the blank line that dispatches it).
 pub fn encode(event: &Event<'_>) -> Result<Bytes, EncodeError> {
-    let mut out = BytesMut::with_capacity(event.data.len() + 16);
+    // Room for every field, so that the frame is never reallocated while it is written.
+    let fields = event.id.map_or(0, str::len) + event.event.map_or(0, str::len);
+    let mut out = BytesMut::with_capacity(event.data.len() + fields + 40);
     if let Some(id) = event.id {
         check_single_line("id", id)?;
         if id.contains('\0') {
@@ -111,7 +113,11 @@ fn lines(text: &str) -> impl Iterator<Item = &str> {
     let mut rest = Some(text);
     std::iter::from_fn(move || {
         let current = rest?;
-        match current.find(['\r', '\n']) {
+        // A byte search: CR and LF are ASCII, so they never occur inside a multi-byte character.
+        match current
+            .bytes()
+            .position(|byte| byte == b'\r' || byte == b'\n')
+        {
             None => {
                 rest = None;
                 Some(current)

@@ -1,6 +1,7 @@
 //! The identity provider's published keys (`JWT_JWKS_URL`): fetched at start, refetched when a
 //! token names a key not seen yet, so that a key rotation needs no restart.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,9 @@ pub struct Jwks {
     /// When the last fetch began; held across a fetch, so that concurrent requests for an
     /// unknown `kid` wait for one fetch instead of each starting their own.
     last_fetch: tokio::sync::Mutex<Instant>,
+    /// Counts the key sets fetched, so that tokens verified under an earlier set are checked
+    /// again.
+    generation: AtomicU64,
 }
 
 impl Jwks {
@@ -48,6 +52,7 @@ impl Jwks {
             client,
             keys: RwLock::new(Arc::new(keys)),
             last_fetch: tokio::sync::Mutex::new(Instant::now()),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -69,7 +74,10 @@ impl Jwks {
         *last_fetch = Instant::now();
         match fetch_keys(&self.client, &self.url).await {
             // A poisoned lock still holds a whole key set: writers only swap an `Arc`.
-            Ok(keys) => *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys),
+            Ok(keys) => {
+                *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+                self.generation.fetch_add(1, Ordering::Release);
+            }
             Err(error) => log::warning!("JWT_JWKS_URL {error}; keeping the cached keys"),
         }
         self.cached(kid, algorithm)
@@ -84,6 +92,11 @@ impl Jwks {
             (Some(key), None) => Some(key.key.clone()),
             _ => None,
         }
+    }
+
+    /// Which key set is current: it changes with every successful refetch.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// How many keys are cached, for the start-up log line.

@@ -2,9 +2,11 @@
 //! (`JWT_SECRET`) or by an identity provider whose public keys are configured
 //! (`JWT_PUBLIC_KEY_FILE`, `JWT_JWKS_URL`).
 
+mod cache;
 mod jwks;
 mod keys;
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use hyper::header::{HeaderMap, AUTHORIZATION, COOKIE};
@@ -15,6 +17,7 @@ use jsonwebtoken::{
 };
 use serde::{Deserialize, Serialize};
 
+use cache::VerifiedTokens;
 pub use jwks::{Jwks, MIN_REFETCH_INTERVAL};
 pub use keys::{from_jwks, from_pem, VerifyingKey};
 
@@ -75,7 +78,28 @@ pub struct Authenticator {
     public_key: Option<VerifyingKey>,
     jwks: Option<Jwks>,
     rules: ClaimRules,
+    /// One `Validation` per algorithm, built once: building one allocates, and every request
+    /// verifies a token.
+    validations: Vec<(Algorithm, Validation)>,
+    verified: VerifiedTokens,
 }
+
+/// Every algorithm a token may name; jsonwebtoken checks a `Validation`'s algorithms against
+/// the key's family, so each needs a `Validation` of its own.
+const ALGORITHMS: [Algorithm; 12] = [
+    Algorithm::HS256,
+    Algorithm::HS384,
+    Algorithm::HS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::EdDSA,
+];
 
 impl Authenticator {
     /// An authenticator for `secret` that accepts only `algorithm` (an HMAC one), with the
@@ -105,6 +129,10 @@ impl Authenticator {
                 random.as_bytes()
             }
         };
+        let validations = ALGORITHMS
+            .into_iter()
+            .map(|algorithm| (algorithm, validation(&rules, algorithm)))
+            .collect();
         Authenticator {
             signing_algorithm: hmac_algorithm,
             encoding_key: EncodingKey::from_secret(signing_secret),
@@ -112,6 +140,8 @@ impl Authenticator {
             public_key,
             jwks,
             rules,
+            validations,
+            verified: VerifiedTokens::default(),
         }
     }
 
@@ -194,6 +224,14 @@ impl Authenticator {
     /// Verifies one token string: header, key, signature, algorithm, expiry, audience,
     /// issuer and a non-blank `sub`.
     pub async fn verify(&self, token: &str) -> Result<Identity, ApiError> {
+        // Read before the key lookup: a refetch meanwhile leaves this token unremembered.
+        let generation = self.jwks.as_ref().map_or(0, Jwks::generation);
+        if let Some(identity) = self
+            .verified
+            .get(token, generation, crate::time::unix_seconds())
+        {
+            return Ok(identity);
+        }
         let header = decode_header(token).map_err(|_| {
             // `none` is no algorithm jsonwebtoken knows, so such a header does not parse.
             ApiError::Unauthorized(if declares_alg_none(token) {
@@ -216,7 +254,12 @@ impl Authenticator {
             }
         }
         let key = self.key_for(algorithm, header.kid.as_deref()).await?;
-        let claims = decode::<Claims>(token, &key, &self.validation(algorithm))
+        let validation = self
+            .validations
+            .iter()
+            .find_map(|(known, validation)| (*known == algorithm).then_some(validation))
+            .ok_or(ApiError::Unauthorized("token algorithm is not accepted"))?;
+        let claims = decode::<Claims>(token, &key, validation)
             .map_err(|error| ApiError::Unauthorized(reason(error.kind())))?
             .claims;
         // A blank `sub` names nobody: refused like a missing one.
@@ -224,27 +267,30 @@ impl Authenticator {
             .sub
             .filter(|sub| !sub.trim().is_empty())
             .ok_or(ApiError::Unauthorized("token has no sub claim"))?;
-        Ok(Identity {
+        let identity = Identity {
             user_id,
             publisher: claims.role.as_deref() == Some(PUBLISHER_ROLE),
             valid_until: claims.exp.saturating_add(self.rules.leeway_secs),
-        })
+        };
+        self.verified.insert(token, generation, &identity);
+        Ok(identity)
     }
 
     /// The key that may verify a token signed with `algorithm`: only a key of that
-    /// algorithm's own type, so that no token chooses how it is checked.
+    /// algorithm's own type, so that no token chooses how it is checked. Borrowed, except a
+    /// JWKS key, which a refetch may replace meanwhile.
     async fn key_for(
         &self,
         algorithm: Algorithm,
         kid: Option<&str>,
-    ) -> Result<DecodingKey, ApiError> {
+    ) -> Result<Cow<'_, DecodingKey>, ApiError> {
         let not_accepted = ApiError::Unauthorized("token algorithm is not accepted");
         if matches!(
             algorithm,
             Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
         ) {
             return match &self.hmac {
-                Some(key) if algorithm == self.signing_algorithm => Ok(key.clone()),
+                Some(key) if algorithm == self.signing_algorithm => Ok(Cow::Borrowed(key)),
                 _ => Err(not_accepted),
             };
         }
@@ -254,45 +300,50 @@ impl Authenticator {
             .filter(|key| key.accepts(algorithm));
         if let (Some(jwks), Some(kid)) = (&self.jwks, kid) {
             if let Some(key) = jwks.key(kid, algorithm).await {
-                return Ok(key);
+                return Ok(Cow::Owned(key));
             }
             return match public_key {
-                Some(key) => Ok(key.key.clone()),
+                Some(key) => Ok(Cow::Borrowed(&key.key)),
                 None => Err(ApiError::Unauthorized("token kid names no known key")),
             };
         }
         if let Some(key) = public_key {
-            return Ok(key.key.clone());
+            return Ok(Cow::Borrowed(&key.key));
         }
         match &self.jwks {
-            Some(jwks) => jwks.only_key_for(algorithm).ok_or(ApiError::Unauthorized(
-                "token has no kid, and no single key of its algorithm can verify it",
-            )),
+            Some(jwks) => {
+                jwks.only_key_for(algorithm)
+                    .map(Cow::Owned)
+                    .ok_or(ApiError::Unauthorized(
+                        "token has no kid, and no single key of its algorithm can verify it",
+                    ))
+            }
             None => Err(not_accepted),
         }
     }
+}
 
-    fn validation(&self, algorithm: Algorithm) -> Validation {
-        let mut validation = Validation::new(algorithm);
-        validation.leeway = self.rules.leeway_secs;
-        // A token that is not valid yet is refused too, within the same leeway.
-        validation.validate_nbf = true;
-        let mut required = vec!["exp"];
-        if self.rules.audience.is_empty() {
-            // Without a configured audience, a provider's `aud` (always there) is not ours to
-            // judge; the README says to set JWT_AUDIENCE with a shared provider.
-            validation.validate_aud = false;
-        } else {
-            validation.set_audience(&self.rules.audience);
-            required.push("aud");
-        }
-        if let Some(issuer) = &self.rules.issuer {
-            validation.set_issuer(&[issuer]);
-            required.push("iss");
-        }
-        validation.set_required_spec_claims(&required);
-        validation
+/// The checks a token signed with `algorithm` must pass under `rules`.
+fn validation(rules: &ClaimRules, algorithm: Algorithm) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.leeway = rules.leeway_secs;
+    // A token that is not valid yet is refused too, within the same leeway.
+    validation.validate_nbf = true;
+    let mut required = vec!["exp"];
+    if rules.audience.is_empty() {
+        // Without a configured audience, a provider's `aud` (always there) is not ours to
+        // judge; the README says to set JWT_AUDIENCE with a shared provider.
+        validation.validate_aud = false;
+    } else {
+        validation.set_audience(&rules.audience);
+        required.push("aud");
     }
+    if let Some(issuer) = &rules.issuer {
+        validation.set_issuer(&[issuer]);
+        required.push("iss");
+    }
+    validation.set_required_spec_claims(&required);
+    validation
 }
 
 /// The 401 text for a token that failed verification.
