@@ -23,11 +23,11 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::{Request, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
+use super::interrupt::{Ended, Interruptible, Shutdown, ShutdownWatch};
 use super::request::ConnectionInfo;
 use super::response::ResponseBody;
 use super::router::{handle, over_capacity};
@@ -108,8 +108,8 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         reloads.abort();
     }
     // Dropping the listener stops accepting; the connections go on until wound down.
-    let Listener { graceful, .. } = server;
-    wind_down(&state, workers, keepalives, graceful).await;
+    let Listener { shutdown, .. } = server;
+    wind_down(&state, workers, keepalives, shutdown).await;
 }
 
 /// Accepts connections and hands each to a [`Handler`] task.
@@ -121,7 +121,7 @@ struct Listener {
     /// a connection or stream that finds none is answered 503 rather than left waiting.
     slots: Arc<Semaphore>,
     /// Tracks every connection, so shutdown can wait for them.
-    graceful: GracefulShutdown,
+    shutdown: Shutdown,
 }
 
 /// The builder for each protocol, configured once.
@@ -169,7 +169,7 @@ impl Listener {
             http: Arc::new(Builders::new(&state)),
             state,
             slots: Arc::new(Semaphore::new(connection_limit)),
-            graceful: GracefulShutdown::new(),
+            shutdown: Shutdown::new(),
         }
     }
 
@@ -186,8 +186,8 @@ impl Listener {
                 slot: self.slots.clone().try_acquire_owned().ok(),
                 slots: self.slots.clone(),
             };
-            let (http, watcher) = (self.http.clone(), self.graceful.watcher());
-            tokio::spawn(handler.start(socket, http, watcher));
+            let (http, shutdown) = (self.http.clone(), self.shutdown.watch());
+            tokio::spawn(handler.start(socket, http, shutdown));
         }
     }
 
@@ -227,20 +227,20 @@ impl Handler {
     /// Finds the protocol (the TLS handshake's ALPN, or the first bytes), within the header
     /// read timeout, then serves the connection in a task of its own: the handshake's and the
     /// timer's state are gone by then, rather than kept for the connection's whole life.
-    async fn start(self, socket: TcpStream, http: Arc<Builders>, watcher: Watcher) {
+    async fn start(self, socket: TcpStream, http: Arc<Builders>, shutdown: ShutdownWatch) {
         let peer = self.connection.peer;
         let patience = self.state.config.header_read_timeout;
         match self.state.tls.clone() {
             Some(tls) => match tokio::time::timeout(patience, tls.accept(socket)).await {
                 Ok(Ok((stream, protocol))) => {
-                    tokio::spawn(self.serve(stream, protocol, http, watcher));
+                    tokio::spawn(self.serve(stream, protocol, http, shutdown));
                 }
                 Ok(Err(error)) => log::debug!("TLS handshake with {peer} failed: {error}"),
                 Err(_) => log::debug!("TLS handshake with {peer} timed out"),
             },
             None => match tokio::time::timeout(patience, sniff(&socket)).await {
                 Ok(Ok(protocol)) => {
-                    tokio::spawn(self.serve(socket, protocol, http, watcher));
+                    tokio::spawn(self.serve(socket, protocol, http, shutdown));
                 }
                 Ok(Err(error)) => log::debug!("connection from {peer} ended early: {error}"),
                 Err(_) => log::debug!("connection from {peer} sent nothing in time"),
@@ -255,7 +255,7 @@ impl Handler {
         io: I,
         protocol: Protocol,
         http: Arc<Builders>,
-        watcher: Watcher,
+        shutdown: ShutdownWatch,
     ) -> impl Future<Output = ()> + Send {
         let Handler {
             state,
@@ -298,19 +298,26 @@ impl Handler {
             })
         });
         let io = TokioIo::new(io);
-        // Boxed because the task's state machine would otherwise hold the connection twice (as
-        // the captured variable and inside `select!`).
-        let serving: BoxFuture<'static, Result<(), hyper::Error>> = match protocol {
-            Protocol::Http1 => Box::pin(watcher.watch(http.http1.serve_connection(io, service))),
-            Protocol::Http2 => Box::pin(watcher.watch(http.http2.serve_connection(io, service))),
+        // Boxed, so that the task's state machine does not hold the connection twice (as the
+        // captured variable and as the awaited future).
+        let serving: BoxFuture<'static, Result<Ended, hyper::Error>> = match protocol {
+            Protocol::Http1 => Box::pin(Interruptible::new(
+                http.http1.serve_connection(io, service),
+                disconnect,
+                shutdown,
+            )),
+            Protocol::Http2 => Box::pin(Interruptible::new(
+                http.http2.serve_connection(io, service),
+                disconnect,
+                shutdown,
+            )),
         };
         async move {
             let _slot = slot;
-            tokio::select! {
-                result = serving => if let Err(error) = result {
-                    log::debug!("connection from {peer} ended with an error: {error}");
-                },
-                () = disconnect.notified() => log::debug!("closed the connection of {peer}"),
+            match serving.await {
+                Ok(Ended::Closed) => {}
+                Ok(Ended::Disconnected) => log::debug!("closed the connection of {peer}"),
+                Err(error) => log::debug!("connection from {peer} ended with an error: {error}"),
             }
         }
     }
@@ -395,7 +402,7 @@ async fn wind_down(
     state: &AppState,
     workers: Vec<JoinHandle<()>>,
     keepalives: JoinHandle<()>,
-    graceful: GracefulShutdown,
+    shutdown: Shutdown,
 ) {
     state.jobs.stop();
     let grace = state.config.shutdown_grace;
@@ -424,7 +431,7 @@ async fn wind_down(
     );
     keepalives.abort();
     state.streams.close_all();
-    if tokio::time::timeout_at(deadline, graceful.shutdown())
+    if tokio::time::timeout_at(deadline, shutdown.shut_down())
         .await
         .is_err()
     {

@@ -4,6 +4,7 @@
 mod auth;
 mod cors;
 mod error;
+mod interrupt;
 mod listener;
 mod metrics_listener;
 mod request;
