@@ -37,6 +37,8 @@ pin_project_lite::pin_project! {
         stream: EventStream,
         #[pin]
         expiry: Sleep,
+        // Whether the timer has been polled, and so holds this task's waker.
+        armed: bool,
         expired: bool,
     }
 }
@@ -49,6 +51,7 @@ impl ExpiringStream {
         ExpiringStream {
             stream,
             expiry: tokio::time::sleep_until(Instant::now() + wait),
+            armed: false,
             expired: false,
         }
     }
@@ -67,10 +70,21 @@ impl Body for ExpiringStream {
             return Poll::Ready(None);
         }
         // The timer is looked at only when the queue is empty: hyper polls until it gets
-        // `Pending` before it writes, so a stream still sees its expiry within one write, and
-        // a frame costs no timer poll.
+        // `Pending` before it writes, so a stream still sees its expiry within one write. Once
+        // polled, the timer holds the task's waker (a tokio task's waker never changes), so
+        // later looks only read its state.
         let frame = Pin::new(this.stream).poll_frame(cx);
-        if frame.is_pending() && this.expiry.poll(cx).is_ready() {
+        if !frame.is_pending() {
+            return frame;
+        }
+        let expired = match *this.armed {
+            true => this.expiry.is_elapsed(),
+            false => {
+                *this.armed = true;
+                this.expiry.poll(cx).is_ready()
+            }
+        };
+        if expired {
             *this.expired = true;
             return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
                 TOKEN_EXPIRED_FRAME,
