@@ -435,16 +435,7 @@ mod redis {
     use artifact_events::config::RedisSettings;
 
     use super::*;
-
-    fn redis_url() -> Option<String> {
-        let url = std::env::var("REDIS_URL")
-            .ok()
-            .filter(|url| !url.is_empty());
-        if url.is_none() {
-            eprintln!("skipped: REDIS_URL is not set (start a redis-server and export it)");
-        }
-        url
-    }
+    use crate::common::redis::shared_url;
 
     fn settings(url: &str) -> RedisSettings {
         RedisSettings {
@@ -461,7 +452,7 @@ mod redis {
 
     #[test]
     fn the_redis_store_keeps_the_contract() {
-        let Some(url) = redis_url() else { return };
+        let Some(url) = shared_url() else { return };
         behaves_like_a_job_store(&|limits| {
             Box::new(open_with(&settings(&url), limits, Duration::from_secs(30)))
         });
@@ -469,7 +460,7 @@ mod redis {
 
     #[test]
     fn processes_sharing_a_prefix_share_jobs_and_never_claim_one_twice() {
-        let Some(url) = redis_url() else { return };
+        let Some(url) = shared_url() else { return };
         let settings = settings(&url);
         let seeding = open_with(&settings, JobLimits::jobs(1000), Duration::from_secs(30));
         let created: HashSet<String> = (0..300)
@@ -509,7 +500,7 @@ mod redis {
 
     #[test]
     fn a_dead_workers_job_is_taken_over_with_a_retry_counted_or_failed_when_retries_are_spent() {
-        let Some(url) = redis_url() else { return };
+        let Some(url) = shared_url() else { return };
         let settings = settings(&url);
         let claim = Duration::from_millis(300);
         let dead = open_with(&settings, JobLimits::jobs(100), claim);
@@ -551,7 +542,7 @@ mod redis {
 
     #[test]
     fn a_live_worker_keeps_its_claim_past_the_timeout_and_a_stale_claim_stores_nothing() {
-        let Some(url) = redis_url() else { return };
+        let Some(url) = shared_url() else { return };
         let settings = settings(&url);
         let claim = Duration::from_millis(300);
         let slow = open_with(&settings, JobLimits::jobs(100), claim);
@@ -609,7 +600,7 @@ mod redis {
 
     #[test]
     fn finished_jobs_are_forgotten_after_the_retention_period() {
-        let Some(url) = redis_url() else { return };
+        let Some(url) = shared_url() else { return };
         let settings = settings(&url);
         let retention = Duration::from_millis(200);
         let store = RedisJobStore::open(

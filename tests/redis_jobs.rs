@@ -10,10 +10,10 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::redis::{shared_url, Redis};
 use common::{binary_token, publish_to, request, send, RunningServer, SseClient, PATIENCE};
 use hyper::StatusCode;
 use serde_json::{json, Value};
@@ -26,16 +26,6 @@ const CONTENT: &str = "Mitochondria are the organelles that produce most of a ce
 
 fn summary() -> Value {
     json!({"notebook_id": "nb1", "artifact_type": "summary", "content": CONTENT})
-}
-
-fn redis_url() -> Option<String> {
-    let url = std::env::var("REDIS_URL")
-        .ok()
-        .filter(|url| !url.is_empty());
-    if url.is_none() {
-        eprintln!("skipped: REDIS_URL is not set (start a redis-server and export it)");
-    }
-    url
 }
 
 /// Processes that share a Redis and a stream key, which no other test uses.
@@ -194,7 +184,7 @@ async fn events_until(
 
 #[tokio::test]
 async fn a_job_submitted_on_one_process_is_read_listed_and_cancelled_on_others() {
-    let Some(url) = redis_url() else { return };
+    let Some(url) = shared_url() else { return };
     let cluster = Cluster::new(&url);
     let slow = [("GENERATOR_DELAY_MS", "3000")];
     let mut a = cluster.start(&slow);
@@ -248,7 +238,7 @@ async fn a_job_submitted_on_one_process_is_read_listed_and_cancelled_on_others()
 
 #[tokio::test]
 async fn a_burst_submitted_to_one_process_is_worked_by_every_process() {
-    let Some(url) = redis_url() else { return };
+    let Some(url) = shared_url() else { return };
     let cluster = Cluster::new(&url);
     let settings = [
         ("GENERATOR_DELAY_MS", "20"),
@@ -295,7 +285,7 @@ async fn a_burst_submitted_to_one_process_is_worked_by_every_process() {
 
 #[tokio::test]
 async fn a_sigkilled_processs_job_is_taken_over_and_completed_once() {
-    let Some(url) = redis_url() else { return };
+    let Some(url) = shared_url() else { return };
     let cluster = Cluster::new(&url);
     let claim_timeout = Duration::from_secs(2);
     // Two generator calls of 3 s: the job still runs on A when A is killed.
@@ -334,7 +324,7 @@ async fn a_sigkilled_processs_job_is_taken_over_and_completed_once() {
 
 #[tokio::test]
 async fn a_worker_slower_than_the_claim_timeout_keeps_its_job() {
-    let Some(url) = redis_url() else { return };
+    let Some(url) = shared_url() else { return };
     let cluster = Cluster::new(&url);
     // Two generator calls of 2.5 s: the job runs two and a half claim timeouts, and B may take
     // claims over (it has had Redis for a timeout) during the second half of it.
@@ -361,76 +351,9 @@ async fn a_worker_slower_than_the_claim_timeout_keeps_its_job() {
     assert!(b.processed().is_empty(), "B never took it over");
 }
 
-/// A `redis-server` of this test's own with an append-only file synced on every write, so
-/// that jobs survive killing it; killed when dropped.
-struct PersistentRedis {
-    port: u16,
-    directory: common::TempDir,
-    child: Option<Child>,
-}
-
-impl PersistentRedis {
-    fn start() -> PersistentRedis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = PersistentRedis {
-            port,
-            directory: common::TempDir::new("redis-aof"),
-            child: None,
-        };
-        redis.restart();
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
-            .arg("--dir")
-            .arg(&self.directory.0)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (apt-get install redis-server; .ci/run does)");
-        self.child = Some(child);
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(started.elapsed() < PATIENCE, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL: no shutdown code runs, only what the append-only file holds survives.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for PersistentRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test]
 async fn redis_killed_and_restarted_mid_run_loses_duplicates_and_strands_no_job() {
-    let mut redis = PersistentRedis::start();
+    let mut redis = Redis::start(true);
     let cluster = Cluster::new(&redis.url());
     let settings = [
         ("GENERATOR_DELAY_MS", "300"),
@@ -508,7 +431,7 @@ async fn redis_killed_and_restarted_mid_run_loses_duplicates_and_strands_no_job(
 
 #[tokio::test]
 async fn a_cancel_of_a_job_whose_process_died_is_announced_by_the_cancelling_process() {
-    let Some(url) = redis_url() else { return };
+    let Some(url) = shared_url() else { return };
     let cluster = Cluster::new(&url);
     let settings = [
         ("GENERATOR_DELAY_MS", "3000"),
