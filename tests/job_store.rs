@@ -280,6 +280,42 @@ fn behaves_like_a_job_store(open: &dyn Fn(JobLimits) -> Box<dyn JobStore>) {
     );
 }
 
+/// Seeds 300 jobs through `seeding`, then has two more stores on the same data (from `open`)
+/// claim at the same moment until none is left: no job may be claimed twice, or not at all.
+#[cfg(any(feature = "sqlite", feature = "redis"))]
+fn two_stores_claiming_at_once_take_each_job_once<S: JobStore>(seeding: &S, open: impl Fn() -> S) {
+    use std::collections::HashSet;
+    use std::sync::{Arc, Barrier};
+
+    let created: HashSet<String> = (0..300)
+        .map(|_| {
+            let job = job("alice", "nb");
+            seeding.create(job.clone()).unwrap();
+            job.id
+        })
+        .collect();
+    let together = Arc::new(Barrier::new(2));
+    let claimers: Vec<_> = (0..2)
+        .map(|_| {
+            let store = open();
+            let together = together.clone();
+            std::thread::spawn(move || {
+                together.wait();
+                std::iter::from_fn(|| store.claim_next().unwrap())
+                    .map(|job| job.id)
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let claimed: Vec<String> = claimers
+        .into_iter()
+        .flat_map(|claimer| claimer.join().unwrap())
+        .collect();
+    let distinct: HashSet<String> = claimed.iter().cloned().collect();
+    assert_eq!(claimed.len(), distinct.len(), "a job was claimed twice");
+    assert_eq!(distinct, created);
+}
+
 #[test]
 fn the_memory_store_keeps_the_contract() {
     behaves_like_a_job_store(&|limits| Box::new(MemoryJobStore::new(limits)));
@@ -295,9 +331,6 @@ fn the_memory_store_has_nothing_to_requeue() {
 
 #[cfg(feature = "sqlite")]
 mod sqlite {
-    use std::collections::HashSet;
-    use std::sync::Arc;
-
     use artifact_events::backends::sqlite::{SqliteJobStore, SCHEMA_VERSION};
 
     use super::*;
@@ -391,34 +424,8 @@ mod sqlite {
     fn two_connections_claiming_at_once_never_take_the_same_job() {
         let directory = TempDir::new("claims");
         let path = directory.join("jobs.db");
-        let seeding = SqliteJobStore::open(&path, JobLimits::jobs(1000)).unwrap();
-        let created: HashSet<String> = (0..300)
-            .map(|_| {
-                let job = job("alice", "nb");
-                seeding.create(job.clone()).unwrap();
-                job.id
-            })
-            .collect();
-        let together = Arc::new(std::sync::Barrier::new(2));
-        let claimers: Vec<_> = (0..2)
-            .map(|_| {
-                let store = SqliteJobStore::open(&path, JobLimits::jobs(1000)).unwrap();
-                let together = together.clone();
-                std::thread::spawn(move || {
-                    together.wait();
-                    std::iter::from_fn(|| store.claim_next().unwrap())
-                        .map(|job| job.id)
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        let claimed: Vec<String> = claimers
-            .into_iter()
-            .flat_map(|claimer| claimer.join().unwrap())
-            .collect();
-        let distinct: HashSet<String> = claimed.iter().cloned().collect();
-        assert_eq!(claimed.len(), distinct.len(), "a job was claimed twice");
-        assert_eq!(distinct, created);
+        let open = || SqliteJobStore::open(&path, JobLimits::jobs(1000)).unwrap();
+        two_stores_claiming_at_once_take_each_job_once(&open(), open);
     }
 }
 
@@ -427,24 +434,13 @@ mod redis {
     //! The Redis store, on the Redis at `REDIS_URL` (skipped without one), each store under a
     //! key prefix of its own.
 
-    use std::collections::HashSet;
-    use std::sync::Arc;
     use std::time::Duration;
 
     use artifact_events::backends::RedisJobStore;
     use artifact_events::config::RedisSettings;
 
     use super::*;
-
-    fn redis_url() -> Option<String> {
-        let url = std::env::var("REDIS_URL")
-            .ok()
-            .filter(|url| !url.is_empty());
-        if url.is_none() {
-            eprintln!("skipped: REDIS_URL is not set (start a redis-server and export it)");
-        }
-        url
-    }
+    use crate::common::redis::shared_url;
 
     fn settings(url: &str) -> RedisSettings {
         RedisSettings {
@@ -461,7 +457,7 @@ mod redis {
 
     #[test]
     fn the_redis_store_keeps_the_contract() {
-        let Some(url) = redis_url() else { return };
+        let Some(url) = shared_url() else { return };
         behaves_like_a_job_store(&|limits| {
             Box::new(open_with(&settings(&url), limits, Duration::from_secs(30)))
         });
@@ -469,36 +465,11 @@ mod redis {
 
     #[test]
     fn processes_sharing_a_prefix_share_jobs_and_never_claim_one_twice() {
-        let Some(url) = redis_url() else { return };
+        let Some(url) = shared_url() else { return };
         let settings = settings(&url);
-        let seeding = open_with(&settings, JobLimits::jobs(1000), Duration::from_secs(30));
-        let created: HashSet<String> = (0..300)
-            .map(|_| {
-                let job = job("alice", "nb");
-                seeding.create(job.clone()).unwrap();
-                job.id
-            })
-            .collect();
-        let together = Arc::new(std::sync::Barrier::new(2));
-        let claimers: Vec<_> = (0..2)
-            .map(|_| {
-                let store = open_with(&settings, JobLimits::jobs(1000), Duration::from_secs(30));
-                let together = together.clone();
-                std::thread::spawn(move || {
-                    together.wait();
-                    std::iter::from_fn(|| store.claim_next().unwrap())
-                        .map(|job| job.id)
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        let claimed: Vec<String> = claimers
-            .into_iter()
-            .flat_map(|claimer| claimer.join().unwrap())
-            .collect();
-        let distinct: HashSet<String> = claimed.iter().cloned().collect();
-        assert_eq!(claimed.len(), distinct.len(), "a job was claimed twice");
-        assert_eq!(distinct, created);
+        let open = || open_with(&settings, JobLimits::jobs(1000), Duration::from_secs(30));
+        let seeding = open();
+        two_stores_claiming_at_once_take_each_job_once(&seeding, open);
         let counts = seeding.count_by_status().unwrap();
         assert_eq!(
             counts[1],
@@ -509,7 +480,7 @@ mod redis {
 
     #[test]
     fn a_dead_workers_job_is_taken_over_with_a_retry_counted_or_failed_when_retries_are_spent() {
-        let Some(url) = redis_url() else { return };
+        let Some(url) = shared_url() else { return };
         let settings = settings(&url);
         let claim = Duration::from_millis(300);
         let dead = open_with(&settings, JobLimits::jobs(100), claim);
@@ -551,7 +522,7 @@ mod redis {
 
     #[test]
     fn a_live_worker_keeps_its_claim_past_the_timeout_and_a_stale_claim_stores_nothing() {
-        let Some(url) = redis_url() else { return };
+        let Some(url) = shared_url() else { return };
         let settings = settings(&url);
         let claim = Duration::from_millis(300);
         let slow = open_with(&settings, JobLimits::jobs(100), claim);
@@ -609,7 +580,7 @@ mod redis {
 
     #[test]
     fn finished_jobs_are_forgotten_after_the_retention_period() {
-        let Some(url) = redis_url() else { return };
+        let Some(url) = shared_url() else { return };
         let settings = settings(&url);
         let retention = Duration::from_millis(200);
         let store = RedisJobStore::open(

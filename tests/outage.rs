@@ -10,96 +10,17 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::redis::Redis;
 use common::{binary_token, publish_to, RunningServer, SseClient, TempDir, PATIENCE};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-
-/// A `redis-server` of this test's own on a free loopback port, stopped when dropped.
-struct Redis {
-    port: u16,
-    dir: TempDir,
-    /// Append-only with an fsync per write, so that a SIGKILL loses nothing Redis answered.
-    append_only: bool,
-    child: Option<Child>,
-}
-
-impl Redis {
-    fn start(append_only: bool) -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = Redis {
-            port,
-            dir: TempDir::new("outage-redis"),
-            append_only,
-            child: None,
-        };
-        redis.restart();
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts (again) on the same port and directory.
-    fn restart(&mut self) {
-        let append_only = if self.append_only { "yes" } else { "no" };
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", append_only])
-            .args(["--appendfsync", "always"])
-            .arg("--dir")
-            .arg(&self.dir.0)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (apt-get install redis-server; .ci/run does)");
-        self.child = Some(child);
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(started.elapsed() < PATIENCE, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// `SHUTDOWN NOSAVE`: Redis stops at once, keeping nothing but its append-only file.
-    fn shutdown(&mut self) {
-        let status = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "shutdown", "nosave"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("redis-cli is installed with redis-server");
-        // The connection closes as Redis exits, which redis-cli may report as an error.
-        let _ = status;
-        if let Some(mut child) = self.child.take() {
-            child.wait().unwrap();
-        }
-    }
-
-    /// SIGKILL, as a crash would.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// A stream key of its own for each test.
 fn stream_key() -> String {

@@ -8,76 +8,25 @@
 mod common;
 
 use std::collections::HashSet;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use artifact_events::config::RedisSettings;
 use artifact_events::{EventBus, EventType, Handler};
+use common::redis::{free_port, Redis};
 use common::{binary_token, publish_to, RunningServer, SseClient, TestServer, PATIENCE};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-/// A `redis-server` of this test's own, on a free loopback port, killed when dropped.
-struct RedisServer {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    fn start() -> RedisServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = RedisServer { port, child: None };
-        redis.restart();
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts (again) on the same port, without persistence: a restart loses the stream.
-    fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (apt-get install redis-server; .ci/run does)");
-        self.child = Some(child);
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(started.elapsed() < PATIENCE, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 /// The shared Redis from `REDIS_URL`, or a private one when none is given.
-fn shared_redis() -> (String, Option<RedisServer>) {
+fn shared_redis() -> (String, Option<Redis>) {
     match std::env::var("REDIS_URL") {
         Ok(url) if !url.is_empty() => (url, None),
         _ => {
-            let redis = RedisServer::start();
+            let redis = Redis::start(false);
             (redis.url(), Some(redis))
         }
     }
@@ -311,7 +260,7 @@ async fn in_process_subscribers_on_every_process_see_each_event_once() {
 #[cfg(feature = "sqlite")]
 #[tokio::test]
 async fn a_redis_restart_during_a_publishing_run_loses_and_duplicates_nothing() {
-    let mut redis = RedisServer::start();
+    let mut redis = Redis::start(false);
     let dir = common::TempDir::new("redis-restart");
     let (a, b) = two_durable_processes(&redis.url(), &dir);
     let token = binary_token("alice");
@@ -321,7 +270,7 @@ async fn a_redis_restart_during_a_publishing_run_loses_and_duplicates_nothing() 
     const EVENTS: u64 = 120;
     for n in 0..EVENTS {
         if n == 40 {
-            redis.stop();
+            redis.kill();
         }
         if n == 80 {
             let unready = common::send(a.addr, common::request("GET", "/readyz", None, "")).await;
@@ -379,7 +328,7 @@ async fn a_redis_restart_during_a_publishing_run_loses_and_duplicates_nothing() 
 #[cfg(feature = "sqlite")]
 #[tokio::test]
 async fn publishes_beyond_the_outbox_during_an_outage_are_refused_and_delivered_nowhere() {
-    let mut redis = RedisServer::start();
+    let mut redis = Redis::start(false);
     let stream = fresh_stream_key();
     let dir = common::TempDir::new("outbox-full");
     let path = dir.join("a.db");
@@ -392,7 +341,7 @@ async fn publishes_beyond_the_outbox_during_an_outage_are_refused_and_delivered_
         ],
     );
     let mut on_a = SseClient::connected(a.addr, &binary_token("alice")).await;
-    redis.stop();
+    redis.kill();
 
     let mut statuses = Vec::new();
     for n in 0..5 {
@@ -438,11 +387,7 @@ async fn publishes_beyond_the_outbox_during_an_outage_are_refused_and_delivered_
 
 #[test]
 fn a_server_whose_redis_is_unreachable_refuses_to_start_and_says_why() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let output = Command::new(common::BINARY)
         .env("JWT_SECRET", common::SECRET)
         .env("ADDR", "127.0.0.1:0")
@@ -489,7 +434,7 @@ async fn a_job_run_by_one_process_is_announced_to_its_owner_on_another() {
 /// locally for good and the other processes never saw them.
 #[tokio::test]
 async fn an_outage_of_appends_alone_ends_when_redis_takes_them_again() {
-    let redis = RedisServer::start();
+    let redis = Redis::start(false);
     let dir = common::TempDir::new("appends-alone");
     let (a, b) = two_durable_processes(&redis.url(), &dir);
     let token = binary_token("alice");
@@ -568,7 +513,7 @@ async fn a_handler_that_publishes_through_redis_is_not_kept_waiting() {
 #[cfg(feature = "sqlite")]
 #[tokio::test]
 async fn a_client_that_moves_process_with_an_outage_id_is_told_its_replay_is_incomplete() {
-    let mut redis = RedisServer::start();
+    let mut redis = Redis::start(false);
     let dir = common::TempDir::new("moves");
     let (a, b) = two_durable_processes(&redis.url(), &dir);
     let token = binary_token("alice");
@@ -576,7 +521,7 @@ async fn a_client_that_moves_process_with_an_outage_id_is_told_its_replay_is_inc
     publish(a.addr, "alice", 0).await;
     read_events(&mut on_a, 1).await;
 
-    redis.stop();
+    redis.kill();
     publish(b.addr, "alice", 1).await;
     publish(a.addr, "alice", 2).await;
     let (outage_id, n) = read_events(&mut on_a, 1).await.remove(0);
@@ -627,12 +572,12 @@ struct ReplyDroppingProxy {
 }
 
 impl ReplyDroppingProxy {
-    async fn start(redis: &RedisServer) -> ReplyDroppingProxy {
+    async fn start(redis: &Redis) -> ReplyDroppingProxy {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let swallow = Arc::new(AtomicBool::new(false));
-        let (port, flag) = (redis.port, swallow.clone());
+        let (port, flag) = (redis.port(), swallow.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let server = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -672,7 +617,7 @@ impl ReplyDroppingProxy {
 #[cfg(feature = "sqlite")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_whose_reply_was_lost_is_delivered_once_everywhere() {
-    let redis = RedisServer::start();
+    let redis = Redis::start(false);
     let proxy = ReplyDroppingProxy::start(&redis).await;
     let stream = fresh_stream_key();
     let dir = common::TempDir::new("reply-lost");

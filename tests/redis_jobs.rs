@@ -10,10 +10,10 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::redis::{shared_url, Redis};
 use common::{binary_token, publish_to, request, send, RunningServer, SseClient, PATIENCE};
 use hyper::StatusCode;
 use serde_json::{json, Value};
@@ -26,16 +26,6 @@ const CONTENT: &str = "Mitochondria are the organelles that produce most of a ce
 
 fn summary() -> Value {
     json!({"notebook_id": "nb1", "artifact_type": "summary", "content": CONTENT})
-}
-
-fn redis_url() -> Option<String> {
-    let url = std::env::var("REDIS_URL")
-        .ok()
-        .filter(|url| !url.is_empty());
-    if url.is_none() {
-        eprintln!("skipped: REDIS_URL is not set (start a redis-server and export it)");
-    }
-    url
 }
 
 /// Processes that share a Redis and a stream key, which no other test uses.
@@ -102,6 +92,20 @@ impl Process {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+
+    /// Submits a summary job here and waits until this process runs it, so that a process
+    /// started afterwards finds it claimed rather than queued.
+    async fn run_job(&mut self, token: &str) -> String {
+        let job_id = common::generate(self.addr(), token, &summary()).await;
+        self.wait_until_processing(&job_id).await;
+        job_id
+    }
+
+    /// This process's `/metrics` text.
+    async fn metrics(&self) -> String {
+        let reply = send(self.addr(), request("GET", "/metrics", None, "")).await;
+        String::from_utf8_lossy(&reply.body).into_owned()
+    }
 }
 
 async fn get_job(addr: SocketAddr, token: &str, job_id: &str) -> (StatusCode, Value) {
@@ -109,6 +113,14 @@ async fn get_job(addr: SocketAddr, token: &str, job_id: &str) -> (StatusCode, Va
     let reply = send(addr, request("GET", &path, Some(token), "")).await;
     let body = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
     (reply.status, body)
+}
+
+/// Cancels the job through `addr`, asserts that it was, and returns the job as answered.
+async fn cancel_job(addr: SocketAddr, token: &str, job_id: &str) -> Value {
+    let path = format!("/ai/artifact/jobs/{job_id}/cancel");
+    let reply = send(addr, request("POST", &path, Some(token), "")).await;
+    assert_eq!(reply.status, StatusCode::OK, "body: {:?}", reply.body);
+    reply.json()
 }
 
 /// Waits until the job is finished, as `addr` reports it, and returns it.
@@ -194,14 +206,13 @@ async fn events_until(
 
 #[tokio::test]
 async fn a_job_submitted_on_one_process_is_read_listed_and_cancelled_on_others() {
-    let Some(url) = redis_url() else { return };
+    let Some(url) = shared_url() else { return };
     let cluster = Cluster::new(&url);
     let slow = [("GENERATOR_DELAY_MS", "3000")];
     let mut a = cluster.start(&slow);
     let token = binary_token("alice");
-    let job_id = common::generate(a.addr(), &token, &summary()).await;
     // Only A runs workers until the job is A's.
-    a.wait_until_processing(&job_id).await;
+    let job_id = a.run_job(&token).await;
     let b = cluster.start(&slow);
     let c = cluster.start(&slow);
     let mut on_b = SseClient::connected(b.addr(), &token).await;
@@ -221,17 +232,14 @@ async fn a_job_submitted_on_one_process_is_read_listed_and_cancelled_on_others()
         StatusCode::NOT_FOUND,
         "another user's job is not found"
     );
-    let metrics = send(b.addr(), request("GET", "/metrics", None, "")).await;
-    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    let metrics = b.metrics().await;
     assert!(
         metrics.contains("artifact_events_jobs{status=\"running\"} 1"),
         "{metrics}"
     );
 
-    let path = format!("/ai/artifact/jobs/{job_id}/cancel");
-    let reply = send(c.addr(), request("POST", &path, Some(&token), "")).await;
-    assert_eq!(reply.status, StatusCode::OK, "body: {:?}", reply.body);
-    assert_eq!(reply.json()["status"], "cancelled");
+    let cancelled = cancel_job(c.addr(), &token, &job_id).await;
+    assert_eq!(cancelled["status"], "cancelled");
     let before = events_until(&mut on_b, "cancelled", PATIENCE).await;
     assert!(!before.contains(&"completed"), "{before:?}");
     let after = events_until_sentinel(&mut on_b, a.addr(), "alice", PATIENCE).await;
@@ -248,7 +256,7 @@ async fn a_job_submitted_on_one_process_is_read_listed_and_cancelled_on_others()
 
 #[tokio::test]
 async fn a_burst_submitted_to_one_process_is_worked_by_every_process() {
-    let Some(url) = redis_url() else { return };
+    let Some(url) = shared_url() else { return };
     let cluster = Cluster::new(&url);
     let settings = [
         ("GENERATOR_DELAY_MS", "20"),
@@ -274,8 +282,7 @@ async fn a_burst_submitted_to_one_process_is_worked_by_every_process() {
             ),
         )
         .await;
-        let metrics = send(b.addr(), request("GET", "/metrics", None, "")).await;
-        let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+        let metrics = b.metrics().await;
         if metrics.contains("artifact_events_jobs{status=\"completed\"} 200") {
             assert_eq!(reply.json()["jobs"].as_array().unwrap().len(), 100);
             break;
@@ -295,7 +302,7 @@ async fn a_burst_submitted_to_one_process_is_worked_by_every_process() {
 
 #[tokio::test]
 async fn a_sigkilled_processs_job_is_taken_over_and_completed_once() {
-    let Some(url) = redis_url() else { return };
+    let Some(url) = shared_url() else { return };
     let cluster = Cluster::new(&url);
     let claim_timeout = Duration::from_secs(2);
     // Two generator calls of 3 s: the job still runs on A when A is killed.
@@ -305,8 +312,7 @@ async fn a_sigkilled_processs_job_is_taken_over_and_completed_once() {
     ];
     let mut a = cluster.start(&settings);
     let token = binary_token("alice");
-    let job_id = common::generate(a.addr(), &token, &summary()).await;
-    a.wait_until_processing(&job_id).await;
+    let job_id = a.run_job(&token).await;
     let mut b = cluster.start(&settings);
     let mut on_b = SseClient::connected(b.addr(), &token).await;
     // B has Redis for a claim timeout before it takes over anything.
@@ -334,7 +340,7 @@ async fn a_sigkilled_processs_job_is_taken_over_and_completed_once() {
 
 #[tokio::test]
 async fn a_worker_slower_than_the_claim_timeout_keeps_its_job() {
-    let Some(url) = redis_url() else { return };
+    let Some(url) = shared_url() else { return };
     let cluster = Cluster::new(&url);
     // Two generator calls of 2.5 s: the job runs two and a half claim timeouts, and B may take
     // claims over (it has had Redis for a timeout) during the second half of it.
@@ -344,8 +350,7 @@ async fn a_worker_slower_than_the_claim_timeout_keeps_its_job() {
     ];
     let mut a = cluster.start(&settings);
     let token = binary_token("alice");
-    let job_id = common::generate(a.addr(), &token, &summary()).await;
-    a.wait_until_processing(&job_id).await;
+    let job_id = a.run_job(&token).await;
     let mut b = cluster.start(&settings);
     let mut on_b = SseClient::connected(b.addr(), &token).await;
     let kinds = events_until(&mut on_b, "completed", PATIENCE).await;
@@ -361,76 +366,9 @@ async fn a_worker_slower_than_the_claim_timeout_keeps_its_job() {
     assert!(b.processed().is_empty(), "B never took it over");
 }
 
-/// A `redis-server` of this test's own with an append-only file synced on every write, so
-/// that jobs survive killing it; killed when dropped.
-struct PersistentRedis {
-    port: u16,
-    directory: common::TempDir,
-    child: Option<Child>,
-}
-
-impl PersistentRedis {
-    fn start() -> PersistentRedis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = PersistentRedis {
-            port,
-            directory: common::TempDir::new("redis-aof"),
-            child: None,
-        };
-        redis.restart();
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
-            .arg("--dir")
-            .arg(&self.directory.0)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (apt-get install redis-server; .ci/run does)");
-        self.child = Some(child);
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(started.elapsed() < PATIENCE, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL: no shutdown code runs, only what the append-only file holds survives.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for PersistentRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test]
 async fn redis_killed_and_restarted_mid_run_loses_duplicates_and_strands_no_job() {
-    let mut redis = PersistentRedis::start();
+    let mut redis = Redis::start(true);
     let cluster = Cluster::new(&redis.url());
     let settings = [
         ("GENERATOR_DELAY_MS", "300"),
@@ -497,8 +435,7 @@ async fn redis_killed_and_restarted_mid_run_loses_duplicates_and_strands_no_job(
     let distinct: HashSet<&String> = ran.iter().collect();
     assert_eq!(ran.len(), distinct.len(), "a job ran twice: {ran:?}");
     assert_eq!(distinct.len(), accepted.len());
-    let metrics = send(a.addr(), request("GET", "/metrics", None, "")).await;
-    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    let metrics = a.metrics().await;
     assert!(
         metrics.contains("artifact_events_jobs{status=\"running\"} 0")
             && metrics.contains("artifact_events_jobs{status=\"queued\"} 0"),
@@ -508,7 +445,7 @@ async fn redis_killed_and_restarted_mid_run_loses_duplicates_and_strands_no_job(
 
 #[tokio::test]
 async fn a_cancel_of_a_job_whose_process_died_is_announced_by_the_cancelling_process() {
-    let Some(url) = redis_url() else { return };
+    let Some(url) = shared_url() else { return };
     let cluster = Cluster::new(&url);
     let settings = [
         ("GENERATOR_DELAY_MS", "3000"),
@@ -516,15 +453,12 @@ async fn a_cancel_of_a_job_whose_process_died_is_announced_by_the_cancelling_pro
     ];
     let mut a = cluster.start(&settings);
     let token = binary_token("alice");
-    let job_id = common::generate(a.addr(), &token, &summary()).await;
-    a.wait_until_processing(&job_id).await;
+    let job_id = a.run_job(&token).await;
     let mut b = cluster.start(&settings);
     let mut on_b = SseClient::connected(b.addr(), &token).await;
     a.server.kill();
 
-    let path = format!("/ai/artifact/jobs/{job_id}/cancel");
-    let reply = send(b.addr(), request("POST", &path, Some(&token), "")).await;
-    assert_eq!(reply.status, StatusCode::OK, "body: {:?}", reply.body);
+    cancel_job(b.addr(), &token, &job_id).await;
     let kinds = events_until(&mut on_b, "cancelled", PATIENCE).await;
     assert_eq!(kinds.iter().filter(|kind| **kind == "cancelled").count(), 1);
     // Time for B's takeover scans to reach the dead claim (B waits a claim timeout, then looks

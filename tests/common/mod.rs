@@ -3,6 +3,7 @@
 
 pub mod model_server;
 pub mod receiver;
+pub mod redis;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
