@@ -439,3 +439,26 @@ async fn a_cleartext_client_that_stops_mid_preface_is_closed_after_the_header_re
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_connection_without_a_slot_gets_503_and_then_goaway() {
+    let mut settings = config();
+    settings.max_connections = 1;
+    let server = TestServer::start(settings).await;
+    // The one slot goes to this HTTP/2 connection (its stream cannot get a second one).
+    let mut first = H2::connect(server.addr).await;
+    let refused_stream = first.stream(&server.token("gina")).await;
+    assert_eq!(refused_stream.status, StatusCode::SERVICE_UNAVAILABLE);
+
+    let mut second = H2::connect(server.addr).await;
+    let answered = second.stream(&server.token("hank")).await;
+    assert_eq!(answered.status, StatusCode::SERVICE_UNAVAILABLE);
+    // The server then closes the connection, rather than keep answering 503 on it.
+    let closed = tokio::time::timeout(PATIENCE, second.connection)
+        .await
+        .expect("the server closes the connection in time");
+    assert!(closed.unwrap().is_ok(), "closed with GOAWAY, not reset");
+    // The connection that holds the slot is still served.
+    assert!(!first.connection.is_finished());
+    server.stop().await;
+}

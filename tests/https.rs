@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 const STREAM: &str = "/ai/artifact/events/stream";
@@ -227,4 +228,30 @@ fn unreadable_tls_files_stop_the_start_naming_the_file() {
         stderr.contains("TLS_CERT_FILE") && stderr.contains(missing),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn an_http2_client_that_sends_no_preface_after_the_handshake_is_closed_in_time() {
+    let dir = TempDir::new("https-preface");
+    let (cert_file, key_file, root) = write_certificate(&dir);
+    let server = RunningServer::start(&[
+        ("TLS_CERT_FILE", &cert_file),
+        ("TLS_KEY_FILE", &key_file),
+        ("HEADER_READ_TIMEOUT_SECS", "1"),
+    ]);
+    let mut silent = tls(&server, &root, b"h2").await.unwrap();
+    let mut byte = [0; 1];
+    let read = tokio::time::timeout(PATIENCE, silent.read(&mut byte))
+        .await
+        .expect("the server closes the connection in time");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // A client that does send the preface is served on the same server.
+    let response = send(
+        &server,
+        &root,
+        b"h2",
+        common::request("GET", "/healthz", None, ""),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
 }

@@ -88,6 +88,15 @@ impl<C: GracefulConnection> Interruptible<C> {
             _shutdown: shutdown,
         }
     }
+
+    /// Like [`Interruptible::new`], for a connection the server has no room for: it serves
+    /// what the client has sent already (with 503s), then closes.
+    pub fn shutting_down(connection: C, disconnect: Arc<Notify>, shutdown: ShutdownWatch) -> Self {
+        Interruptible {
+            signals: Box::pin(std::future::ready(Signal::Shutdown)),
+            ..Self::new(connection, disconnect, shutdown)
+        }
+    }
 }
 
 impl<C: GracefulConnection> Future for Interruptible<C> {

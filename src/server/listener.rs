@@ -23,6 +23,7 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::{Request, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -232,6 +233,16 @@ impl Handler {
         let patience = self.state.config.header_read_timeout;
         match self.state.tls.clone() {
             Some(tls) => match tokio::time::timeout(patience, tls.accept(socket)).await {
+                // hyper reads HTTP/2's preface without a timeout: read it here, within one.
+                Ok(Ok((stream, Protocol::Http2))) => {
+                    match tokio::time::timeout(patience, read_preface(stream)).await {
+                        Ok(Ok(stream)) => {
+                            tokio::spawn(self.serve(stream, Protocol::Http2, http, shutdown));
+                        }
+                        Ok(Err(error)) => log::debug!("HTTP/2 preface from {peer}: {error}"),
+                        Err(_) => log::debug!("{peer} sent no HTTP/2 preface in time"),
+                    }
+                }
                 Ok(Ok((stream, protocol))) => {
                     tokio::spawn(self.serve(stream, protocol, http, shutdown));
                 }
@@ -306,11 +317,16 @@ impl Handler {
                 disconnect,
                 shutdown,
             )),
-            Protocol::Http2 => Box::pin(Interruptible::new(
-                http.http2.serve_connection(io, service),
-                disconnect,
-                shutdown,
-            )),
+            // An HTTP/2 connection without a slot answers the streams already sent with 503
+            // and is told to go away (GOAWAY), as an HTTP/1.1 one is by `Connection: close`.
+            Protocol::Http2 => {
+                let connection = http.http2.serve_connection(io, service);
+                let connection = match at_capacity {
+                    true => Interruptible::shutting_down(connection, disconnect, shutdown),
+                    false => Interruptible::new(connection, disconnect, shutdown),
+                };
+                Box::pin(connection)
+            }
         };
         async move {
             let _slot = slot;
@@ -373,6 +389,75 @@ async fn sniff(socket: &TcpStream) -> io::Result<Protocol> {
         // Part of the preface so far: peek would return the same bytes at once, so wait a
         // moment for the rest.
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Reads HTTP/2's connection preface from `stream` and gives it back in front of the rest.
+async fn read_preface(mut stream: Box<dyn Connection>) -> io::Result<ReadAhead> {
+    let mut preface = [0; H2_PREFACE.len()];
+    stream.read_exact(&mut preface).await?;
+    if preface != *H2_PREFACE {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not HTTP/2"));
+    }
+    Ok(ReadAhead {
+        preface,
+        given: 0,
+        stream,
+    })
+}
+
+/// A connection whose HTTP/2 preface was read ahead (to time it): reads give it back first.
+struct ReadAhead {
+    preface: [u8; H2_PREFACE.len()],
+    given: usize,
+    stream: Box<dyn Connection>,
+}
+
+impl AsyncRead for ReadAhead {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let rest = &this.preface[this.given..];
+        if rest.is_empty() {
+            return Pin::new(&mut this.stream).poll_read(cx, buf);
+        }
+        let count = rest.len().min(buf.remaining());
+        buf.put_slice(&rest[..count]);
+        this.given += count;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for ReadAhead {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
