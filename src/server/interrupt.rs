@@ -12,35 +12,48 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
 use hyper_util::server::graceful::GracefulConnection;
+use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{watch, Notify};
 
-use crate::events::BoxFuture;
 use crate::panic::lock;
 
 /// Tells every connection that the server is shutting down, and waits until all are closed.
 pub struct Shutdown {
+    notify: Arc<Notify>,
+    /// Whether shutdown has started; each connection holds a receiver until it ends, which is
+    /// how the server counts them.
     started: watch::Sender<bool>,
 }
 
 /// What a connection holds to hear of shutdown; the server waits for every one to be dropped.
-pub type ShutdownWatch = watch::Receiver<bool>;
+pub struct ShutdownWatch {
+    notify: Arc<Notify>,
+    started: watch::Receiver<bool>,
+}
 
 impl Shutdown {
     /// A shutdown no connection has heard of yet.
     pub fn new() -> Self {
         Shutdown {
+            notify: Arc::new(Notify::new()),
             started: watch::Sender::new(false),
         }
     }
 
     /// A watch for one more connection.
     pub fn watch(&self) -> ShutdownWatch {
-        self.started.subscribe()
+        ShutdownWatch {
+            notify: self.notify.clone(),
+            started: self.started.subscribe(),
+        }
     }
 
     /// Asks every connection to shut down gracefully, and resolves when all have closed.
     pub async fn shut_down(self) {
+        // Set before notifying: a connection that starts listening after the notification
+        // reads the flag instead.
         self.started.send_replace(true);
+        self.notify.notify_waiters();
         self.started.closed().await;
     }
 }
@@ -56,35 +69,39 @@ pub enum Ended {
 
 pin_project_lite::pin_project! {
     /// A hyper connection that ends at once when `disconnect` fires and shuts down gracefully
-    /// when the server does.
+    /// when the server does. Both signals are held inline, with no allocation of their own.
     pub struct Interruptible<C> {
         #[pin]
         connection: C,
-        signals: BoxFuture<'static, Signal>,
+        #[pin]
+        disconnected: OwnedNotified,
+        #[pin]
+        shutdown_started: OwnedNotified,
+        // Shut down at the first poll: the server was shutting down already, or is full.
+        shut_down_at_once: bool,
+        shutting_down: bool,
         signal_waker: Arc<SignalWaker>,
-        disconnect: Arc<Notify>,
         // Held until the connection ends, which is what shutdown waits for.
         _shutdown: ShutdownWatch,
     }
 }
 
-enum Signal {
-    Disconnect,
-    Shutdown,
-}
-
 impl<C: GracefulConnection> Interruptible<C> {
     /// Serves `connection` until it ends, `disconnect` fires, or shutdown starts.
     pub fn new(connection: C, disconnect: Arc<Notify>, shutdown: ShutdownWatch) -> Self {
-        let signals = Box::pin(next_signal(disconnect.clone(), shutdown.clone()));
+        // Hears `notify_waiters` from the moment it is created, so before the flag is read.
+        let shutdown_started = shutdown.notify.clone().notified_owned();
+        let started = *shutdown.started.borrow();
         Interruptible {
             connection,
-            signals,
+            disconnected: disconnect.notified_owned(),
+            shutdown_started,
+            shut_down_at_once: started,
+            shutting_down: false,
             signal_waker: Arc::new(SignalWaker {
                 woken: AtomicBool::new(true),
                 task: Mutex::new(None),
             }),
-            disconnect,
             _shutdown: shutdown,
         }
     }
@@ -93,7 +110,7 @@ impl<C: GracefulConnection> Interruptible<C> {
     /// what the client has sent already (with 503s), then closes.
     pub fn shutting_down(connection: C, disconnect: Arc<Notify>, shutdown: ShutdownWatch) -> Self {
         Interruptible {
-            signals: Box::pin(std::future::ready(Signal::Shutdown)),
+            shut_down_at_once: true,
             ..Self::new(connection, disconnect, shutdown)
         }
     }
@@ -107,34 +124,18 @@ impl<C: GracefulConnection> Future for Interruptible<C> {
         if this.signal_waker.take_woken(cx.waker()) {
             let waker = Waker::from(this.signal_waker.clone());
             let mut signal_cx = Context::from_waker(&waker);
-            if let Poll::Ready(signal) = this.signals.as_mut().poll(&mut signal_cx) {
-                match signal {
-                    Signal::Disconnect => return Poll::Ready(Ok(Ended::Disconnected)),
-                    Signal::Shutdown => {
-                        this.connection.as_mut().graceful_shutdown();
-                        let disconnect = this.disconnect.clone();
-                        *this.signals = Box::pin(async move {
-                            disconnect.notified().await;
-                            Signal::Disconnect
-                        });
-                        if this.signals.as_mut().poll(&mut signal_cx).is_ready() {
-                            return Poll::Ready(Ok(Ended::Disconnected));
-                        }
-                    }
-                }
+            if this.disconnected.poll(&mut signal_cx).is_ready() {
+                return Poll::Ready(Ok(Ended::Disconnected));
+            }
+            if !*this.shutting_down
+                && (*this.shut_down_at_once
+                    || this.shutdown_started.poll(&mut signal_cx).is_ready())
+            {
+                *this.shutting_down = true;
+                this.connection.as_mut().graceful_shutdown();
             }
         }
         this.connection.poll(cx).map_ok(|()| Ended::Closed)
-    }
-}
-
-/// The first of: `disconnect` fires, shutdown starts.
-async fn next_signal(disconnect: Arc<Notify>, mut shutdown: ShutdownWatch) -> Signal {
-    tokio::select! {
-        biased;
-        () = disconnect.notified() => Signal::Disconnect,
-        // An error means the server is gone, which is a shutdown too.
-        _ = shutdown.wait_for(|started| *started) => Signal::Shutdown,
     }
 }
 
@@ -150,7 +151,8 @@ impl SignalWaker {
     /// Whether a signal woke the task since the last call (the first call says yes); if so,
     /// records `task` as the waker to pass the next signal on to.
     fn take_woken(&self, task: &Waker) -> bool {
-        if !self.woken.swap(false, Ordering::AcqRel) {
+        // A plain load first: most polls are for frames, and a swap would write every time.
+        if !self.woken.load(Ordering::Relaxed) || !self.woken.swap(false, Ordering::AcqRel) {
             return false;
         }
         let mut recorded = lock(&self.task);
