@@ -23,6 +23,7 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::{Request, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -237,21 +238,21 @@ impl Handler {
                 Ok(Ok((stream, Protocol::Http2))) => {
                     match tokio::time::timeout(patience, read_preface(stream)).await {
                         Ok(Ok(stream)) => {
-                            tokio::spawn(self.serve(stream, Protocol::Http2, http, shutdown));
+                            self.serve(stream, Protocol::Http2, http, shutdown);
                         }
                         Ok(Err(error)) => log::debug!("HTTP/2 preface from {peer}: {error}"),
                         Err(_) => log::debug!("{peer} sent no HTTP/2 preface in time"),
                     }
                 }
                 Ok(Ok((stream, protocol))) => {
-                    tokio::spawn(self.serve(stream, protocol, http, shutdown));
+                    self.serve(stream, protocol, http, shutdown);
                 }
                 Ok(Err(error)) => log::debug!("TLS handshake with {peer} failed: {error}"),
                 Err(_) => log::debug!("TLS handshake with {peer} timed out"),
             },
             None => match tokio::time::timeout(patience, sniff(&socket)).await {
                 Ok(Ok(protocol)) => {
-                    tokio::spawn(self.serve(socket, protocol, http, shutdown));
+                    self.serve(socket, protocol, http, shutdown);
                 }
                 Ok(Err(error)) => log::debug!("connection from {peer} ended early: {error}"),
                 Err(_) => log::debug!("connection from {peer} sent nothing in time"),
@@ -259,15 +260,15 @@ impl Handler {
         }
     }
 
-    /// The connection's task. Everything but the serving itself is set up before the task
-    /// starts, so that the task holds only what it needs while the connection lives.
+    /// Starts the connection's task. Everything but the serving itself is set up first, so
+    /// that the task holds only what it needs while the connection lives.
     fn serve<I: Connection + 'static>(
         self,
         io: I,
         protocol: Protocol,
         http: Arc<Builders>,
         shutdown: ShutdownWatch,
-    ) -> impl Future<Output = ()> + Send {
+    ) {
         let Handler {
             state,
             connection,
@@ -309,33 +310,64 @@ impl Handler {
             })
         });
         let io = TokioIo::new(io);
-        // Boxed, so that the task's state machine does not hold the connection twice (as the
-        // captured variable and as the awaited future).
-        let serving: BoxFuture<'static, Result<Ended, hyper::Error>> = match protocol {
-            Protocol::Http1 => Box::pin(Interruptible::new(
-                http.http1.serve_connection(io, service),
-                disconnect,
-                shutdown,
-            )),
+        match protocol {
+            Protocol::Http1 => {
+                let connection = http.http1.serve_connection(io, service);
+                let serving = Interruptible::new(connection, disconnect, shutdown);
+                tokio::spawn(ConnectionTask::new(serving, peer, slot));
+            }
             // An HTTP/2 connection without a slot answers the streams already sent with 503
             // and is told to go away (GOAWAY), as an HTTP/1.1 one is by `Connection: close`.
             Protocol::Http2 => {
                 let connection = http.http2.serve_connection(io, service);
-                let connection = match at_capacity {
+                let serving = match at_capacity {
                     true => Interruptible::shutting_down(connection, disconnect, shutdown),
                     false => Interruptible::new(connection, disconnect, shutdown),
                 };
-                Box::pin(connection)
-            }
-        };
-        async move {
-            let _slot = slot;
-            match serving.await {
-                Ok(Ended::Closed) => {}
-                Ok(Ended::Disconnected) => log::debug!("closed the connection of {peer}"),
-                Err(error) => log::debug!("connection from {peer} ended with an error: {error}"),
+                tokio::spawn(ConnectionTask::new(serving, peer, slot));
             }
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's task: the connection inline in the task (an `async` block would hold it
+    /// twice, as the variable it captures and as the future it awaits), and the connection
+    /// slot, held until the connection ends.
+    struct ConnectionTask<C> {
+        #[pin]
+        serving: Interruptible<C>,
+        peer: SocketAddr,
+        _slot: Option<OwnedSemaphorePermit>,
+    }
+}
+
+impl<C> ConnectionTask<C> {
+    fn new(
+        serving: Interruptible<C>,
+        peer: SocketAddr,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Self {
+        ConnectionTask {
+            serving,
+            peer,
+            _slot: slot,
+        }
+    }
+}
+
+impl<C: GracefulConnection<Error = hyper::Error>> Future for ConnectionTask<C> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let peer = *this.peer;
+        match std::task::ready!(this.serving.poll(cx)) {
+            Ok(Ended::Closed) => {}
+            Ok(Ended::Disconnected) => log::debug!("closed the connection of {peer}"),
+            Err(error) => log::debug!("connection from {peer} ended with an error: {error}"),
+        }
+        Poll::Ready(())
     }
 }
 
