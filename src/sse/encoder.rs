@@ -113,11 +113,7 @@ fn lines(text: &str) -> impl Iterator<Item = &str> {
     let mut rest = Some(text);
     std::iter::from_fn(move || {
         let current = rest?;
-        // A byte search: CR and LF are ASCII, so they never occur inside a multi-byte character.
-        match current
-            .bytes()
-            .position(|byte| byte == b'\r' || byte == b'\n')
-        {
+        match current.find(['\r', '\n']) {
             None => {
                 rest = None;
                 Some(current)
