@@ -69,14 +69,8 @@ impl Body for ExpiringStream {
         if *this.expired {
             return Poll::Ready(None);
         }
-        // The timer is looked at only when the queue is empty: hyper polls until it gets
-        // `Pending` before it writes, so a stream still sees its expiry within one write. Once
-        // polled, the timer holds the task's waker (a tokio task's waker never changes), so
-        // later looks only read its state.
-        let frame = Pin::new(this.stream).poll_frame(cx);
-        if !frame.is_pending() {
-            return frame;
-        }
+        // Armed at the first poll; from then on the timer holds this task's waker (a body is
+        // always polled from the same task), so a look at it is one atomic load, not a poll.
         let expired = match *this.armed {
             true => this.expiry.is_elapsed(),
             false => {
@@ -90,14 +84,22 @@ impl Body for ExpiringStream {
                 TOKEN_EXPIRED_FRAME,
             )))));
         }
-        frame
+        Pin::new(this.stream).poll_frame(cx)
     }
 }
 
 /// A JSON response with `status` and `body`.
 pub fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response<ResponseBody> {
     // `to_vec` rather than `Display`, which goes through `fmt` for every token.
-    let json = serde_json::to_vec(body).expect("a JSON value or plain struct always serializes");
+    let (status, json) = match serde_json::to_vec(body) {
+        Ok(json) => (status, json),
+        // Only a map with keys that are not strings fails; no route answers with one.
+        Err(error) => {
+            crate::log::error!("a response body did not serialize: {error}");
+            let json = br#"{"error":"internal server error"}"#.to_vec();
+            (StatusCode::INTERNAL_SERVER_ERROR, json)
+        }
+    };
     let mut response = full_response(Bytes::from(json));
     *response.status_mut() = status;
     response
@@ -109,4 +111,43 @@ pub fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Respon
 /// A 200 response whose body is `bytes`, for the caller to give its headers.
 pub fn full_response(bytes: Bytes) -> Response<ResponseBody> {
     Response::new(Either::Left(Full::new(bytes)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use http_body_util::BodyExt;
+    use serde_json::json;
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::delivery::StreamIndex;
+    use crate::events::EventType;
+    use crate::metrics::Metrics;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_that_always_has_an_event_waiting_still_ends_at_its_expiry() {
+        let config = Config::from_lookup(|_| None).unwrap();
+        let index = StreamIndex::new(config.stream_settings(), Arc::new(Metrics::default()));
+        let stream = index.open("ada", None, Arc::new(Notify::new())).unwrap();
+        let body = ExpiringStream::new(stream, crate::time::unix_seconds() + 60);
+        let mut body = std::pin::pin!(body);
+        let event = json!({"user_id": "ada"});
+        let mut seconds = 0;
+        loop {
+            // An event is always queued when the body is asked for a frame.
+            index.deliver(&EventType::COMPLETED, &event);
+            let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            if frame == TOKEN_EXPIRED_FRAME {
+                break;
+            }
+            tokio::time::advance(Duration::from_secs(1)).await;
+            seconds += 1;
+            assert!(seconds < 90, "the stream outlived its token");
+        }
+        assert!(seconds >= 59, "ended after {seconds} s");
+        assert!(body.frame().await.is_none());
+    }
 }

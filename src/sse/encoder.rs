@@ -45,7 +45,7 @@ pub const KEEPALIVE: &[u8] = b": keepalive\n\n";
 
 /// Encodes `event` as one frame (fields, then the blank line that dispatches it).
 pub fn encode(event: &Event<'_>) -> Result<Bytes, EncodeError> {
-    // Room for every field, so that the frame is never reallocated while it is written.
+    // Room for the usual fields, so that a frame is seldom reallocated while it is written.
     let fields = event.id.map_or(0, str::len) + event.event.map_or(0, str::len);
     let mut out = BytesMut::with_capacity(event.data.len() + fields + 40);
     if let Some(id) = event.id {

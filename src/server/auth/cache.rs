@@ -18,7 +18,8 @@ use crate::panic::lock;
 pub const MAX_AGE: Duration = Duration::from_secs(60);
 /// Most tokens remembered; past that, the stale ones are dropped, or all of them.
 const CAPACITY: usize = 1024;
-/// Longer tokens are verified every time, so the cache stays within about 2 MiB.
+/// Longer tokens are verified every time, so the cache stays within a few MiB (a token and
+/// its `sub`, which a token of this length can hold, per entry).
 const MAX_TOKEN_LEN: usize = 2048;
 
 /// Verified tokens and whom they speak for.
@@ -55,7 +56,9 @@ impl VerifiedTokens {
         let mut entries = lock(&self.entries);
         if entries.len() >= CAPACITY {
             entries.retain(|_, remembered| now < remembered.until);
-            if entries.len() >= CAPACITY {
+            // Mostly fresh entries: more tokens are in use than fit, and scanning again at
+            // the next insert would only make every request wait on the lock.
+            if entries.len() >= CAPACITY * 3 / 4 {
                 entries.clear();
             }
         }
