@@ -109,11 +109,12 @@ fn check_single_line(field: &'static str, value: &str) -> Result<(), EncodeError
 }
 
 /// Splits on CRLF, CR and LF, each one line end, as SSE parsers do; `"a\n"` is `["a", ""]`.
+/// Searched by byte, not by `char`: both are ASCII, so a match is always a char boundary.
 fn lines(text: &str) -> impl Iterator<Item = &str> {
     let mut rest = Some(text);
     std::iter::from_fn(move || {
         let current = rest?;
-        match current.find(['\r', '\n']) {
+        match current.bytes().position(|b| b == b'\r' || b == b'\n') {
             None => {
                 rest = None;
                 Some(current)
