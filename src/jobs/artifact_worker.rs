@@ -87,6 +87,15 @@ impl Cancellation {
     fn is_requested(&self) -> bool {
         self.requested.load(Ordering::SeqCst)
     }
+
+    /// Waits until the job is not publishing, cancels it, and returns the publishing turn:
+    /// while the caller holds it and publishes `artifact.cancelled`, no other event of the job
+    /// can go out, and none goes out after.
+    async fn cancel_in_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        let turn = self.publishing.lock().await;
+        self.cancel();
+        turn
+    }
 }
 
 impl ArtifactWorker {
@@ -147,17 +156,12 @@ impl ArtifactWorker {
                     }
                 }
                 let _turn = match &cancellation {
-                    Some(cancellation) => {
-                        let turn = cancellation.publishing.lock().await;
-                        cancellation.cancel();
-                        Some(turn)
-                    }
+                    Some(cancellation) => Some(cancellation.cancel_in_turn().await),
                     None => None,
                 };
                 log::info!("job {job_id} cancelled");
-                let mut data = job.event_data();
-                data["status"] = json!(JobStatus::Cancelled.as_str());
-                self.publish(EventType::CANCELLED, data).await;
+                self.publish(EventType::CANCELLED, cancelled_event_data(&job))
+                    .await;
                 Ok(CancelOutcome::Cancelled(job))
             }
             Updated::Refused(status) => Ok(CancelOutcome::AlreadyFinished(status)),
@@ -245,19 +249,14 @@ impl ArtifactWorker {
     async fn announce_cancel(&self, job_id: &str) {
         let cancellation = self.lock_running().get(job_id).cloned();
         let _turn = match &cancellation {
-            Some(cancellation) => {
-                let turn = cancellation.publishing.lock().await;
-                cancellation.cancel();
-                Some(turn)
-            }
+            Some(cancellation) => Some(cancellation.cancel_in_turn().await),
             None => None,
         };
         match self.store.get(job_id) {
             Ok(Some(job)) if job.status == JobStatus::Cancelled => {
                 log::info!("job {job_id} cancelled by another process");
-                let mut data = job.event_data();
-                data["status"] = json!(JobStatus::Cancelled.as_str());
-                self.publish(EventType::CANCELLED, data).await;
+                self.publish(EventType::CANCELLED, cancelled_event_data(&job))
+                    .await;
             }
             Ok(_) => log::warning!("job {job_id}: a cancel arrived, but it is not cancelled"),
             Err(error) => log::error!("cannot announce the cancel of job {job_id}: {error}"),
@@ -558,6 +557,13 @@ async fn publish_until_taken(bus: Arc<EventBus>, event_type: EventType, data: Va
             Err(error) => log::debug!("job {job_id}: still not published: {error}"),
         }
     }
+}
+
+/// A `cancelled` job's event: its base fields, with the status it now has.
+fn cancelled_event_data(job: &Job) -> Value {
+    let mut data = job.event_data();
+    data["status"] = json!(JobStatus::Cancelled.as_str());
+    data
 }
 
 /// A `failed` job's event: its base fields, `error` and `retry_count`.
