@@ -44,12 +44,14 @@ if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip, venv'
   apt-get install -y -qq python3 python3-venv >/dev/null
 fi
 stamp="$venv/.installed-$VALIDATOR_VERSION-$SCHEMATHESIS_VERSION"
-if [ ! -f "$stamp" ]; then
+# The stamp holds the venv's path: a venv's scripts name their interpreter by absolute path,
+# so a target directory moved from another checkout needs a fresh one.
+if [ "$(cat "$stamp" 2>/dev/null)" != "$venv" ]; then
   rm -rf "$venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check \
     "openapi-spec-validator==$VALIDATOR_VERSION" "schemathesis==$SCHEMATHESIS_VERSION"
-  touch "$stamp"
+  echo "$venv" >"$stamp"
 fi
 
 echo "== OpenAPI: validate src/server/openapi.json"
