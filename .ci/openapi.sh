@@ -25,7 +25,7 @@ REQUEST_TIMEOUT_SECS=5
 # At least 32 bytes; the tokens below are signed with it.
 export JWT_SECRET=openapi-contract-check-secret-0123456789
 
-venv=target/openapi-venv
+venv=$PWD/target/openapi-venv
 work=$(mktemp -d)
 server_pid=
 cleanup() {
