@@ -105,7 +105,7 @@ checks+=,unsupported_method,allow_header_conformance,ignored_auth
 checks+=,use_after_free,ensure_resource_availability
 status=0
 # In a scratch directory: schemathesis leaves nothing in the repository.
-(cd "$work" && timeout "$SCHEMATHESIS_SECS" "$OLDPWD/$venv/bin/schemathesis" \
+(cd "$work" && timeout "$SCHEMATHESIS_SECS" "$venv/bin/schemathesis" \
   --config-file "$work/schemathesis.toml" run "http://$addr/openapi.json" \
   --url "http://$addr" \
   --exclude-path /ai/artifact/events/stream \
@@ -118,7 +118,7 @@ status=0
   --generation-database none \
   --no-color) >"$work/schemathesis.out" 2>&1 || status=$?
 cat "$work/schemathesis.out"
-(cd "$work" && timeout "$SCHEMATHESIS_SECS" "$OLDPWD/$venv/bin/schemathesis" \
+(cd "$work" && timeout "$SCHEMATHESIS_SECS" "$venv/bin/schemathesis" \
   --config-file "$work/webhooks.toml" run "http://$addr/openapi.json" \
   --url "http://$addr" \
   --include-operation-id createWebhook \
