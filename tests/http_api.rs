@@ -276,6 +276,18 @@ async fn bad_publish_bodies_get_400_and_publish_nothing() {
             "user_id",
         ),
         (r#"{"event_type": "t", "event_data": "u"}"#, "event_data"),
+        // Arrays are not objects, even where a struct could be read from one.
+        (r#"["t", {"user_id": "u"}]"#, "event_type"),
+        (r#"{"event_type": "t", "event_data": ["u"]}"#, "event_data"),
+        // A number no `f64` holds would fail whoever parses the data later.
+        (
+            r#"{"event_type": "t", "event_data": {"user_id": "u", "n": 1e400}}"#,
+            "malformed JSON",
+        ),
+        (
+            r#"{"event_type": "t", "event_data": {"user_id": "u", "n": 123456789012345678901234567890e300}}"#,
+            "malformed JSON",
+        ),
     ];
     for (body, mentions) in bodies {
         let reply = send(
@@ -304,6 +316,33 @@ async fn bad_publish_bodies_get_400_and_publish_nothing() {
             .await
             .is_err(),
         "a bad body was published"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_frame_carries_the_publishers_json_as_sent_without_its_whitespace() {
+    let server = TestServer::start(config()).await;
+    let mut client = SseClient::connected(server.addr, &server.token("u")).await;
+    // Keys out of order, escapes, spaces and line breaks inside and outside strings.
+    let body = "{\"event_type\": \"t\", \"event_data\": {\n  \"z\": 1,\r\n\t\"user_id\": \"u\",\n  \"a\": [ 1, -2.5e3 ],\n  \"s\": \"a b\\\" \\u00e9\\n\"\n}\n}";
+    let reply = send(
+        server.addr,
+        request(
+            "POST",
+            PUBLISH,
+            Some(&server.publisher_token()),
+            body.to_owned(),
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
+    let frame = client.next_frame().await.expect("the event arrives");
+    let data = frame.lines().find_map(|line| line.strip_prefix("data: "));
+    assert_eq!(
+        data,
+        Some(r#"{"z":1,"user_id":"u","a":[1,-2.5e3],"s":"a b\" \u00e9\n"}"#),
+        "{frame:?}"
     );
     server.stop().await;
 }

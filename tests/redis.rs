@@ -237,8 +237,11 @@ async fn in_process_subscribers_on_every_process_see_each_event_once() {
     for n in 0..10 {
         // Publish waits until this process's handlers ran: the test's and the webhooks'.
         assert_eq!(
-            bus.try_publish(&EventType::COMPLETED, json!({"user_id": "u", "n": n}))
-                .await,
+            bus.try_publish(
+                &EventType::COMPLETED,
+                json!({"user_id": "u", "n": n}).into()
+            )
+            .await,
             Ok(2)
         );
     }
@@ -488,7 +491,7 @@ async fn a_handler_that_publishes_through_redis_is_not_kept_waiting() {
         let (bus, results) = (bus.clone(), results.clone());
         async move {
             let event = json!({"user_id": data["user_id"], "follows": data["n"]});
-            let _ = results.send(bus.try_publish(&EventType::FAILED, event).await);
+            let _ = results.send(bus.try_publish(&EventType::FAILED, event.into()).await);
         }
     });
     servers[0]

@@ -34,12 +34,14 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use redis::{AsyncConnectionConfig, Client, RedisError};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::oneshot;
 
 use crate::config::RedisSettings;
 use crate::delivery::{EventId, History, HistoryLimits, StreamIndex, StreamSettings};
-use crate::events::{BoxFuture, EventBus, EventType, PublishError, PublishResult, Relay};
+use crate::events::{
+    BoxFuture, EventBus, EventData, EventType, PublishError, PublishResult, Relay,
+};
 use crate::log;
 use crate::metrics::Metrics;
 use crate::panic::lock;
@@ -418,8 +420,8 @@ impl RedisRelay {
         command.query_async(connection).await
     }
 
-    async fn publish(&self, event_type: EventType, event_data: Value) -> PublishResult {
-        let data = event_data.to_string();
+    async fn publish(&self, event_type: EventType, event_data: EventData) -> PublishResult {
+        let data = event_data.json();
         let number = self.next_publish.fetch_add(1, Ordering::Relaxed);
         // An append that failed without an answer may still have been applied; its entry, if
         // the reader finds it, is confirmed through this.
@@ -430,7 +432,7 @@ impl RedisRelay {
                 let (confirmed, confirmation) = oneshot::channel();
                 lock(&self.waiting).insert(number, confirmed);
                 match self
-                    .append(&mut writer, &event_type, &data, number, false)
+                    .append(&mut writer, &event_type, data, number, false)
                     .await
                 {
                     Ok(_) => return self.confirm(&event_type, number, confirmation).await,
@@ -444,7 +446,8 @@ impl RedisRelay {
             // Kept on disk before the decision, which may then find it was not needed.
             let row = match &self.durable {
                 Some(durable) => {
-                    let (durable, kind, text) = (durable.clone(), event_type.clone(), data.clone());
+                    let (durable, kind, text) =
+                        (durable.clone(), event_type.clone(), data.to_owned());
                     let kept = blocking(move || durable.keep(kind.as_str(), &text)).await;
                     match kept {
                         Ok(row) => {
@@ -502,7 +505,7 @@ impl RedisRelay {
                         outage.outbox.push_back(Pending {
                             publish: number,
                             event_type: event_type.clone(),
-                            data: data.clone(),
+                            data: data.to_owned(),
                             row,
                         });
                         self.metrics.set_redis_state(false, outage.outbox.len());
@@ -554,7 +557,7 @@ impl RedisRelay {
     }
 
     /// Delivers an event kept during an outage here at once; returns how many handlers ran.
-    async fn deliver_here(&self, event_type: EventType, event_data: Value) -> usize {
+    async fn deliver_here(&self, event_type: EventType, event_data: EventData) -> usize {
         let tag = self.outage_tag;
         let now = crate::time::unix_millis();
         self.streams
@@ -595,16 +598,22 @@ impl RedisRelay {
 }
 
 impl Relay for RedisRelay {
-    fn forward(&self, event_type: EventType, event_data: Value) -> BoxFuture<'_, PublishResult> {
+    fn forward(
+        &self,
+        event_type: EventType,
+        event_data: EventData,
+    ) -> BoxFuture<'_, PublishResult> {
         Box::pin(self.publish(event_type, event_data))
     }
 }
 
 /// The type, data and id of a stream entry, if it is one of ours.
-fn decode(entry: &StreamId) -> Option<(EventType, Value, EventId)> {
+fn decode(entry: &StreamId) -> Option<(EventType, EventData, EventId)> {
     let event_type: String = entry.get("type")?;
     let data: String = entry.get("data")?;
-    let data = serde_json::from_str(&data).ok()?;
+    let data = serde_json::from_str(&data)
+        .and_then(EventData::from_raw)
+        .ok()?;
     Some((
         EventType::from(event_type),
         data,
@@ -730,9 +739,9 @@ async fn load_history(
         let Some((event_type, data, id)) = decode(entry) else {
             continue;
         };
-        if let Some(user) = data.get("user_id").and_then(serde_json::Value::as_str) {
+        if let Some(user) = data.user_id() {
             let user = Arc::from(user);
-            history.record(&user, &event_type, &data.to_string(), Some(id), now, None);
+            history.record(&user, &event_type, data.json(), Some(id), now, None);
         }
     }
     Ok((history, newest))

@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::history::{EventId, History, HistoryLimits, HistorySink};
 use super::stream::{FrameQueue, QueueFull, SseBody};
-use crate::events::{EventBus, EventType, Handler};
+use crate::events::{EventBus, EventData, EventType, Handler};
 use crate::log;
 use crate::metrics::Metrics;
 use crate::panic::lock;
@@ -109,9 +109,9 @@ impl StreamIndex {
     /// Subscribes the index to every event type on `bus`; returns the handler, to unsubscribe.
     pub fn attach(self: &Arc<Self>, bus: &EventBus) -> Handler {
         let index = Arc::downgrade(self);
-        let handler = Handler::with_event_type(move |event_type, event_data| {
+        let handler = Handler::with_event_data(move |event_type, event_data| {
             if let Some(index) = index.upgrade() {
-                index.deliver(event_type, &event_data);
+                index.deliver(event_type, event_data);
             }
             std::future::ready(())
         });
@@ -187,7 +187,7 @@ impl StreamIndex {
     /// Records the event for its `user_id` under the history's next id and queues it on every
     /// stream of that user; returns how many streams got it. Events without a string
     /// `user_id` go nowhere.
-    pub fn deliver(&self, event_type: &EventType, event_data: &Value) -> usize {
+    pub fn deliver(&self, event_type: &EventType, event_data: &EventData) -> usize {
         self.deliver_numbered(event_type, event_data, |_| None)
     }
 
@@ -197,14 +197,14 @@ impl StreamIndex {
     pub fn deliver_numbered(
         &self,
         event_type: &EventType,
-        event_data: &Value,
+        event_data: &EventData,
         choose: impl FnOnce(EventId) -> Option<EventId>,
     ) -> usize {
-        let Some(user_id) = event_data.get("user_id").and_then(Value::as_str) else {
+        let Some(user_id) = event_data.user_id() else {
             self.metrics.count_publish(event_type, 0, 0);
             return 0;
         };
-        let data = serde_json::to_string(event_data).expect("a JSON value always serializes");
+        let data = event_data.json();
         let (mut delivered, mut dropped) = (0, 0);
         {
             let mut state = lock(&self.state);
@@ -218,7 +218,7 @@ impl StreamIndex {
             let frame =
                 state
                     .history
-                    .record(&user, event_type, &data, proposed, Instant::now(), sink);
+                    .record(&user, event_type, data, proposed, Instant::now(), sink);
             if let Some(streams) = state.by_user.get_mut(user_id) {
                 streams.retain(|stream| match stream.frames.push(frame.clone()) {
                     Ok(()) => {

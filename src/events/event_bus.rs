@@ -10,12 +10,12 @@ use std::task::Poll;
 use serde_json::Value;
 
 use super::relay::{BoxFuture, PublishResult, Relay};
-use super::EventType;
+use super::{EventData, EventType};
 use crate::log;
 use crate::panic::{catch_unwind, lock, panic_message, CatchUnwind};
 
 type HandlerFuture = BoxFuture<'static, ()>;
-type HandlerFn = dyn Fn(&EventType, Arc<Value>) -> HandlerFuture + Send + Sync;
+type HandlerFn = dyn Fn(&EventType, &Arc<EventData>) -> HandlerFuture + Send + Sync;
 
 /// An async function of the event data; clones are the same handler for `unsubscribe`.
 #[derive(Clone)]
@@ -28,14 +28,16 @@ impl Handler {
         F: Fn(Arc<Value>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        Handler(Arc::new(move |_, data| Box::pin(handler(data))))
+        Handler(Arc::new(move |_, data| {
+            Box::pin(handler(data.value().clone()))
+        }))
     }
 
     /// Wraps a function that also needs the type the event was published as (useful with
-    /// [`EventType::ANY`]).
-    pub fn with_event_type<F, Fut>(handler: F) -> Self
+    /// [`EventType::ANY`]), or the data's JSON text, which it gets without a parse.
+    pub fn with_event_data<F, Fut>(handler: F) -> Self
     where
-        F: Fn(&EventType, Arc<Value>) -> Fut + Send + Sync + 'static,
+        F: Fn(&EventType, &Arc<EventData>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         Handler(Arc::new(move |event_type, data| {
@@ -101,8 +103,8 @@ impl EventBus {
     /// with how many ran, when all have finished. A handler that panics is logged, does not
     /// stop the others, and still counts as run.
     /// With a relay, the handlers of every process run; a relay failure is logged.
-    pub async fn publish(&self, event_type: &EventType, event_data: Value) -> usize {
-        self.try_publish(event_type, event_data)
+    pub async fn publish(&self, event_type: &EventType, event_data: impl Into<EventData>) -> usize {
+        self.try_publish(event_type, event_data.into())
             .await
             .unwrap_or_else(|error| {
                 log::error!("publishing {event_type}: {error}");
@@ -111,10 +113,10 @@ impl EventBus {
     }
 
     /// Like [`EventBus::publish`], but says when the relay could not take the event.
-    pub async fn try_publish(&self, event_type: &EventType, event_data: Value) -> PublishResult {
+    pub async fn try_publish(&self, event_type: &EventType, data: EventData) -> PublishResult {
         match self.relay.get() {
-            Some(relay) => relay.forward(event_type.clone(), event_data).await,
-            None => Ok(self.dispatch(event_type, Arc::new(event_data)).await),
+            Some(relay) => relay.forward(event_type.clone(), data).await,
+            None => Ok(self.dispatch(event_type, Arc::new(data)).await),
         }
     }
 
@@ -125,14 +127,12 @@ impl EventBus {
 
     /// Runs this process's handlers for an event, as `publish` does without a relay; relays
     /// call it for each event they carry.
-    pub async fn dispatch(&self, event_type: &EventType, data: Arc<Value>) -> usize {
+    pub async fn dispatch(&self, event_type: &EventType, data: Arc<EventData>) -> usize {
         let handlers = self.handlers_for(event_type);
         let mut running: Vec<CatchUnwind<HandlerFuture>> = Vec::with_capacity(handlers.len());
         for handler in &handlers {
             // Calling the handler can panic before it returns a future.
-            match std::panic::catch_unwind(AssertUnwindSafe(|| {
-                (handler.0)(event_type, data.clone())
-            })) {
+            match std::panic::catch_unwind(AssertUnwindSafe(|| (handler.0)(event_type, &data))) {
                 Ok(future) => running.push(catch_unwind(future)),
                 Err(payload) => log_panic(event_type, &panic_message(payload.as_ref())),
             }

@@ -1,9 +1,11 @@
 //! Event types and the process-wide event bus.
 
 mod event_bus;
+mod event_data;
 mod relay;
 
 pub use event_bus::{EventBus, Handler};
+pub use event_data::EventData;
 pub use relay::{BoxFuture, PublishError, PublishResult, Relay};
 
 use std::borrow::Cow;

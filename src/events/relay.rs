@@ -5,9 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use serde_json::Value;
-
-use super::EventType;
+use super::{EventData, EventType};
 
 /// A boxed future, as [`Relay`] and the job generators return, so that they can be used as
 /// trait objects.
@@ -17,7 +15,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// to it, and the relay calls [`EventBus::dispatch`](super::EventBus::dispatch) once for each event of any process.
 pub trait Relay: Send + Sync + 'static {
     /// Sends the event on; resolves with how many local handlers ran, once they have.
-    fn forward(&self, event_type: EventType, event_data: Value) -> BoxFuture<'_, PublishResult>;
+    fn forward(&self, event_type: EventType, event_data: EventData)
+        -> BoxFuture<'_, PublishResult>;
 }
 
 /// What [`EventBus::try_publish`](super::EventBus::try_publish) returns: how many local handlers ran, or why it failed.

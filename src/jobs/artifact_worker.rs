@@ -525,7 +525,10 @@ impl ArtifactWorker {
         ]
         .contains(&event_type);
         let retained = final_event.then(|| data.clone());
-        match (self.bus.try_publish(&event_type, data).await, retained) {
+        match (
+            self.bus.try_publish(&event_type, data.into()).await,
+            retained,
+        ) {
             (Ok(_), _) => log::info!("job {job_id}: published {event_type}"),
             (Err(error), None) => {
                 log::warning!("job {job_id}: {event_type} not published: {error}");
@@ -549,7 +552,7 @@ async fn publish_until_taken(bus: Arc<EventBus>, event_type: EventType, data: Va
     loop {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(REPUBLISH_BACKOFF.1);
-        match bus.try_publish(&event_type, data.clone()).await {
+        match bus.try_publish(&event_type, data.clone().into()).await {
             Ok(_) => {
                 log::info!("job {job_id}: published {event_type} at last");
                 return;

@@ -45,6 +45,21 @@ pub async fn read_json(
     limit: usize,
     timeout: Duration,
 ) -> Result<Value, ApiError> {
+    let body = read_body(request, limit, timeout).await?;
+    serde_json::from_slice(&body).map_err(malformed_json)
+}
+
+/// The 400 for a body that is not the JSON expected.
+pub fn malformed_json(error: serde_json::Error) -> ApiError {
+    ApiError::BadRequest(format!("malformed JSON: {error}"))
+}
+
+/// Reads a body of at most `limit` bytes within `timeout`: 413 when larger, 408 when slower.
+pub async fn read_body(
+    request: Request<impl RequestBody>,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
     let declared_length = request
         .headers()
         .get(CONTENT_LENGTH)
@@ -58,19 +73,15 @@ pub async fn read_json(
     let Ok(read) = tokio::time::timeout(timeout, reading).await else {
         return Err(ApiError::RequestTimeout(timeout));
     };
-    let body: Bytes = match read {
-        Ok(collected) => collected.to_bytes(),
+    match read {
+        Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.is::<LengthLimitError>() => {
-            return Err(ApiError::PayloadTooLarge("body", limit))
+            Err(ApiError::PayloadTooLarge("body", limit))
         }
-        Err(error) => {
-            return Err(ApiError::BadRequest(format!(
-                "could not read the body: {error}"
-            )))
-        }
-    };
-    serde_json::from_slice(&body)
-        .map_err(|error| ApiError::BadRequest(format!("malformed JSON: {error}")))
+        Err(error) => Err(ApiError::BadRequest(format!(
+            "could not read the body: {error}"
+        ))),
+    }
 }
 
 /// Refuses (415) a request whose `Content-Type` is not `application/json` (parameters such as

@@ -124,7 +124,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::delivery::StreamIndex;
-    use crate::events::EventType;
+    use crate::events::{EventData, EventType};
     use crate::metrics::Metrics;
 
     #[tokio::test(start_paused = true)]
@@ -134,7 +134,7 @@ mod tests {
         let stream = index.open("ada", None, Arc::new(Notify::new())).unwrap();
         let body = ExpiringStream::new(stream, crate::time::unix_seconds() + 60);
         let mut body = std::pin::pin!(body);
-        let event = json!({"user_id": "ada"});
+        let event = EventData::from(json!({"user_id": "ada"}));
         let mut seconds = 0;
         loop {
             // An event is always queued when the body is asked for a frame.

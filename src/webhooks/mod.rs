@@ -42,7 +42,7 @@ use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-use crate::events::{EventBus, EventType, Handler};
+use crate::events::{EventBus, EventData, EventType, Handler};
 use crate::http_client::{self, Client, Limits, TlsConnector};
 use crate::log;
 use crate::panic::lock;
@@ -218,8 +218,8 @@ impl Webhooks {
     pub fn attach(self: &Arc<Self>, bus: &Arc<EventBus>) -> Handler {
         *lock(&self.bus) = Arc::downgrade(bus);
         let webhooks = self.clone();
-        let handler = Handler::with_event_type(move |event_type, data| {
-            webhooks.enqueue(event_type, &data);
+        let handler = Handler::with_event_data(move |event_type, data| {
+            webhooks.enqueue(event_type, data);
             std::future::ready(())
         });
         bus.subscribe(EventType::ANY, handler.clone());
@@ -395,8 +395,8 @@ impl Webhooks {
 
     /// The bus handler's whole work: pick the receivers, and spawn one delivery for each that
     /// fits in the queue.
-    fn enqueue(self: &Arc<Self>, event_type: &EventType, data: &Value) {
-        let owner = data.get("user_id").and_then(Value::as_str);
+    fn enqueue(self: &Arc<Self>, event_type: &EventType, data: &EventData) {
+        let owner = data.user_id();
         let mut targets: Vec<String> = Vec::new();
         if self.settings.server.is_some() {
             targets.push(SERVER_WEBHOOK_ID.to_owned());
@@ -420,7 +420,7 @@ impl Webhooks {
             false => Body {
                 event_type: event_type.as_str(),
                 timestamp: &now_rfc3339(),
-                data,
+                data: data.value(),
             }
             .to_json(),
         };

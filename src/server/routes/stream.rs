@@ -1,11 +1,8 @@
 //! `GET /ai/artifact/events/stream`: the caller's own events as Server-Sent Events.
 
-use std::sync::Arc;
-
 use http_body_util::Either;
 use hyper::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{HeaderMap, Request, Response};
-use tokio::sync::Notify;
 
 use crate::server::auth::stream_token;
 use crate::server::error::ApiError;
@@ -35,14 +32,11 @@ pub(in crate::server) async fn open(
     // An empty id is what `EventSource` sends before it has seen one: no replay asked for.
     .filter(|id| !id.is_empty());
     // A request that came through no listener (the fuzz checks') has no connection to close.
-    let disconnect = match request.extensions().get::<ConnectionInfo>() {
-        Some(connection) => connection.disconnect.clone(),
-        None => Arc::new(Notify::new()),
-    };
+    let connection = request.extensions().get::<ConnectionInfo>();
+    let disconnect = connection.map_or_else(Default::default, |c| c.disconnect.clone());
     let body = state
         .streams
-        .open(&identity.user_id, last_event_id.as_deref(), disconnect)
-        .map_err(ApiError::from)?;
+        .open(&identity.user_id, last_event_id.as_deref(), disconnect)?;
     let body = ExpiringStream::new(body, identity.valid_until);
     let mut response = Response::new(Either::Right(body));
     // hyper keeps a connection's last response header map for reuse, for as long as the
