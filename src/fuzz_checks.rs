@@ -12,10 +12,11 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::config::{Config, MAX_CONTENT_BYTES};
-use crate::events::EventBus;
+use crate::events::{EventBus, EventData};
 use crate::server::routes::artifact::parse_generate_request;
 use crate::server::{handle, AppState, Authenticator, Claims, ResponseBody, PUBLISHER_ROLE};
 use crate::sse::encoder::{self, EncodeError, Event};
@@ -26,12 +27,13 @@ pub type Check = fn(&[u8]);
 
 /// Every fuzz target: its name (the file in `fuzz/fuzz_targets/` and the directory in
 /// `fuzz/corpus/` and `fuzz/regressions/`) and its check.
-pub const TARGETS: [(&str, Check); 5] = [
+pub const TARGETS: [(&str, Check); 6] = [
     ("sse_roundtrip", sse_roundtrip),
     ("sse_parse", sse_parse),
     ("http_request", http_request),
     ("jwt_auth", jwt_auth),
     ("generate_request", generate_request),
+    ("event_data", event_data),
 ];
 
 /// Separates the parts of a structured input.
@@ -465,5 +467,39 @@ fn accept_only_the_original(input: &[u8]) {
         if block_on(auth.authenticate(&headers)).is_ok() {
             assert_eq!(token.trim(), original, "an edited header was accepted");
         }
+    }
+}
+
+/// `event_data`: JSON that a parser accepts as text (what a publish body's `event_data` and a
+/// Redis entry are read as) becomes an `EventData` exactly when a `Value` parse accepts it
+/// too, and then its compact text is one line, it parses back to that `Value`, and its
+/// `user_id` is the `Value`'s.
+pub fn event_data(input: &[u8]) {
+    let Ok(text) = std::str::from_utf8(input) else {
+        return;
+    };
+    let Ok(raw) = serde_json::from_str::<&RawValue>(text) else {
+        return;
+    };
+    match (
+        serde_json::from_str::<Value>(text),
+        EventData::from_raw(raw),
+    ) {
+        (Err(_), Err(_)) => {}
+        (Ok(value), Ok(data)) => {
+            let json = data.json();
+            assert!(
+                !json.contains(['\r', '\n']),
+                "{json:?} is more than one line"
+            );
+            assert_eq!(
+                serde_json::from_str::<Value>(json).ok(),
+                Some(value.clone())
+            );
+            assert_eq!(**data.value(), value);
+            let user_id = value.get("user_id").and_then(Value::as_str);
+            assert_eq!(data.user_id(), user_id, "{text:?}");
+        }
+        (parsed, data) => panic!("{text:?}: a Value parse gave {parsed:?}, EventData {data:?}"),
     }
 }

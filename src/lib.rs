@@ -17,7 +17,8 @@
 //! ```
 //!
 //! # Layout
-//! - [`events`]: `EventType`, the publish/subscribe [`events::EventBus`] and `get_event_bus()`.
+//! - [`events`]: `EventType`, the publish/subscribe [`events::EventBus`], the `EventData` it
+//!   carries, and `get_event_bus()`.
 //! - [`delivery`]: the per-user stream index, the replay history (where event ids are
 //!   assigned) and each stream's bounded queue and response body.
 //! - [`sse`]: the SSE wire format both ways, pure: the encoder and the parser.
@@ -54,7 +55,7 @@ pub mod sse;
 pub(crate) mod time;
 pub mod webhooks;
 
-pub use events::{get_event_bus, EventBus, EventType, Handler};
+pub use events::{get_event_bus, EventBus, EventData, EventType, Handler};
 pub use log::{
     set_format as set_log_format, set_level as set_log_level, Format as LogFormat,
     Level as LogLevel,
