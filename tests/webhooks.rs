@@ -314,6 +314,33 @@ async fn a_hanging_receiver_holds_only_its_own_slots_and_others_are_still_served
 }
 
 #[tokio::test]
+async fn a_webhook_gets_the_data_as_published_byte_for_byte_like_the_stream() {
+    let server = TestServer::start(config()).await;
+    let mut receiver = Receiver::start(vec![], Answer::Status(200)).await;
+    subscribe(&server, "alice", &receiver.url("/"), None).await;
+    let mut stream = SseClient::connected(server.addr, &server.token("alice")).await;
+    // Keys out of order and an escape a `Value` written out again would not keep.
+    let data = r#"{"z": 1, "user_id": "alice", "s": "a \u00e9"}"#;
+    let body = format!(r#"{{"event_type": "artifact.completed", "event_data": {data}}}"#);
+    let token = server.publisher_token();
+    let reply = send(
+        server.addr,
+        request("POST", "/ai/events/publish", Some(&token), body),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    let compact = r#"{"z":1,"user_id":"alice","s":"a \u00e9"}"#;
+    let frame = stream
+        .next_frame()
+        .await
+        .expect("the stream gets the event");
+    assert!(frame.contains(&format!("data: {compact}\n")), "{frame:?}");
+    let received = receiver.next().await;
+    let text = std::str::from_utf8(&received.body).unwrap();
+    assert!(text.contains(&format!(r#""data":{compact}}}"#)), "{text}");
+}
+
+#[tokio::test]
 async fn a_webhook_failing_its_whole_schedule_is_disabled_and_its_owner_told() {
     let server = TestServer::start(config()).await;
     let mut receiver = Receiver::start(vec![], Answer::Status(500)).await;

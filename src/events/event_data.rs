@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
-use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
@@ -19,9 +19,10 @@ pub struct EventData {
 
 impl EventData {
     /// Takes JSON a parser accepted (a publish body, a relay's entry) without building a
-    /// `Value`, which would be most of a publish's cost: one pass refuses what a `Value` would
-    /// refuse (numbers beyond `f64`, lone surrogates) and finds the `user_id`. Whitespace
-    /// outside strings is dropped, so the frame is one `data:` line.
+    /// `Value`, which would be most of a publish's cost: one pass refuses what a `Value` parse
+    /// would refuse (numbers beyond `f64`, lone surrogates), so [`EventData::value`] cannot
+    /// fail, and finds the `user_id`. Whitespace outside strings is dropped, so the frame is
+    /// one `data:` line.
     pub fn from_raw(raw: &RawValue) -> Result<Self, serde_json::Error> {
         let checked: Checked = serde_json::from_str(raw.get())?;
         Ok(EventData {
@@ -83,6 +84,10 @@ fn compact(json: &str) -> Box<str> {
     let compact = String::from_utf8(out).expect("only ASCII whitespace was left out");
     compact.into_boxed_str()
 }
+
+/// The first key that makes a `Value` parse (with serde_json's `raw_value` feature, which
+/// `EventData` needs) read the object's one string value as the JSON it stands for.
+const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
 
 /// A JSON value read the way a `Value` is (so it fails where a `Value` would) but kept only
 /// as far as a string's text, and an object's string `user_id`.
@@ -150,7 +155,18 @@ impl<'de> Visitor<'de> for CheckedVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked<'de>, A::Error> {
         let mut user_id = None;
+        let mut first = true;
         while let Some(key) = map.next_key::<Checked>()? {
+            if std::mem::take(&mut first) && key.string.as_deref() == Some(RAW_VALUE_TOKEN) {
+                // As a `Value` parse reads it: the string is the JSON the object stands for.
+                let inner = map.next_value::<Cow<str>>()?;
+                let checked = serde_json::from_str::<Checked>(&inner).map_err(A::Error::custom)?;
+                let owned = |text: Cow<str>| Cow::Owned(text.into_owned());
+                return Ok(Checked {
+                    string: checked.string.map(owned),
+                    user_id: checked.user_id.map(owned),
+                });
+            }
             let value = map.next_value::<Checked>()?;
             // The last one wins, as in a `Value`.
             if key.string.as_deref() == Some("user_id") {

@@ -39,7 +39,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
-use serde_json::{json, Value};
+use serde_json::json;
+use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
 
 use crate::events::{EventBus, EventData, EventType, Handler};
@@ -420,7 +421,8 @@ impl Webhooks {
             false => Body {
                 event_type: event_type.as_str(),
                 timestamp: &now_rfc3339(),
-                data: data.value(),
+                // The same text as the stream's frame, not a `Value` written out again.
+                data: serde_json::from_str(data.json()).expect("EventData holds JSON"),
             }
             .to_json(),
         };
@@ -661,7 +663,7 @@ struct Body<'a> {
     #[serde(rename = "type")]
     event_type: &'a str,
     timestamp: &'a str,
-    data: &'a Value,
+    data: &'a RawValue,
 }
 
 impl Body<'_> {

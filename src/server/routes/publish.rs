@@ -37,8 +37,10 @@ pub(in crate::server) async fn publish(
             )))
         }
     };
-    let event_data = parsed.event_data.map(EventData::from_raw);
-    let event_data = match event_data.transpose().map_err(malformed_json)? {
+    let event_data = parsed.event_data.map(EventData::from_raw).transpose();
+    let event_data = event_data
+        .map_err(|error| ApiError::BadRequest(format!("malformed JSON in event_data: {error}")))?;
+    let event_data = match event_data {
         Some(data) if data.user_id().is_some() => data,
         _ => {
             return Err(ApiError::BadRequest(
